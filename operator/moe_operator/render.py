@@ -1,0 +1,550 @@
+"""Render a plan into Kubernetes objects (pure: no client, no I/O).
+
+Children of a MoEDeployment `<name>`:
+
+* RayService `<name>` (ray.io/v1): a head group (GCS, dashboard, Serve controller; no GPUs) and
+  one worker group whose every "replica" is a multi-host slice of `numOfHosts` pods, so one Serve
+  replica's EP ranks land on one slice and the in-tree autoscaler adds or removes whole slices.
+  `serveConfigV2` imports `moe_serving.app:build_app` with the `AppConfig` built here.
+* Services `<name>-http` (OpenAI HTTP) and `<name>-grpc` (gRPC) over pods whose Serve proxy is
+  ready (KubeRay labels them `ray.io/serve=true`).
+* PodDisruptionBudget `<name>-workers`, and optionally NetworkPolicy `<name>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from moe_serving.config import (
+    APP_IMPORT_PATH,
+    APP_NAME,
+    GRPC_SERVICER_FUNCTIONS,
+    AppConfig,
+    AutoscalingArgs,
+    EngineArgs,
+    EPLBArgs,
+    ReplicaResources,
+    TracingArgs,
+)
+
+from moe_operator.api import (
+    API_VERSION,
+    KIND,
+    LABEL_COMPONENT,
+    LABEL_DEPLOYMENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    MoEDeploymentSpec,
+)
+from moe_operator.catalog import ACCELERATORS
+from moe_operator.planner import Plan
+
+#: Where pvc:// sources are mounted in the worker pods.
+MODELS_MOUNT = "/models"
+RAY_UID = 1000  # the uid of the `ray` user in Ray's images
+
+HEAD_CPU = "4"
+HEAD_MEMORY = "16Gi"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The MoEDeployment that owns the rendered children."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+
+class RenderError(ValueError):
+    """The spec cannot be rendered for a cluster; the message says what to change."""
+
+
+def labels_for(name: str, component: str | None = None) -> dict[str, str]:
+    """Labels every child of MoEDeployment `name` carries."""
+    labels = {
+        LABEL_DEPLOYMENT: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        "app.kubernetes.io/name": "moe-deployment",
+        "app.kubernetes.io/instance": name,
+    }
+    if component:
+        labels[LABEL_COMPONENT] = component
+    return labels
+
+
+def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels_for(owner.name, component),
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- serving app args
+
+
+def engine_model(spec: MoEDeploymentSpec) -> tuple[str, str | None]:
+    """(model argument for vLLM, revision) for a cluster source."""
+    source = spec.model.source
+    if source.startswith("hf://"):
+        repo, _, revision = source.removeprefix("hf://").partition("@")
+        return repo, revision or None
+    if source.startswith("pvc://"):
+        claim, _, path = source.removeprefix("pvc://").partition("/")
+        return f"{MODELS_MOUNT}/{claim}/{path}".rstrip("/"), None
+    return source, None  # s3:// (vLLM streams it) or a local path (local runs)
+
+
+def app_config(
+    name: str,
+    spec: MoEDeploymentSpec,
+    plan: Plan,
+    *,
+    model_path: str | None = None,
+    tracing_overrides: dict[str, Any] | None = None,
+) -> AppConfig:
+    """The serving application's arguments: shared by the RayService and `moectl up`."""
+    model, revision = (model_path, None) if model_path else engine_model(spec)
+    cpu = plan.accelerator == "CPU"
+    extra = dict(spec.serving.engine_args)
+    if model.startswith("s3://"):
+        extra.setdefault("load_format", "runai_streamer")
+    eplb = spec.parallelism.eplb
+    low, initial, high = plan.min_replicas, plan.initial_replicas, plan.max_replicas
+    tracing = spec.tracing
+    tracing_args = TracingArgs(
+        enabled=tracing.enabled,
+        endpoint=tracing.endpoint,
+        protocol=tracing.protocol,
+        sample_ratio=tracing.sample_ratio,
+        record_content=tracing.record_content,
+    )
+    if tracing_overrides:
+        tracing_args = tracing_args.model_copy(update=tracing_overrides)
+    return AppConfig(
+        deployment_name=name,
+        engine=EngineArgs(
+            model=model,
+            served_model_name=spec.model.name,
+            revision=revision,
+            dtype="float32" if cpu and spec.model.dtype == "auto" else spec.model.dtype,
+            max_model_len=spec.model.max_model_len,
+            quantization=None if spec.model.quantization == "none" else spec.model.quantization,
+            tensor_parallel_size=plan.tensor_parallel_size,
+            data_parallel_size=plan.data_parallel_size,
+            pipeline_parallel_size=plan.pipeline_parallel_size,
+            enable_expert_parallel=plan.expert_parallel_size > 1,
+            all2all_backend=plan.all2all_backend,
+            eplb=EPLBArgs(
+                enabled=eplb.enabled and plan.expert_parallel_size > 1,
+                num_redundant_experts=plan.redundant_experts,
+                window_size=eplb.window_size,
+                step_interval=eplb.step_interval,
+            ),
+            distributed_executor_backend="mp" if plan.executor == "mp" else "ray",
+            enforce_eager=cpu,
+            tool_call_parser=plan.tool_call_parser,
+            reasoning_parser=plan.reasoning_parser,
+            extra=extra,
+        ),
+        resources=ReplicaResources(
+            num_cpus_per_rank=1.0,
+            num_gpus_per_rank=0.0 if cpu else 1.0,
+            accelerator_type=None if cpu else _ray_accelerator_type(plan.accelerator),
+            placement_strategy="STRICT_PACK" if plan.nodes_per_replica == 1 else "PACK",
+        ),
+        autoscaling=AutoscalingArgs(
+            min_replicas=low,
+            max_replicas=high,
+            initial_replicas=initial,
+            target_queue_depth=spec.autoscaling.target_queue_depth,
+            upscale_delay_s=spec.autoscaling.upscale_delay_seconds,
+            downscale_delay_s=spec.autoscaling.downscale_delay_seconds,
+        ),
+        max_queued_requests=spec.serving.max_queued_requests,
+        max_ongoing_requests=spec.serving.max_ongoing_requests,
+        request_timeout_s=spec.serving.request_timeout_seconds,
+        tracing=tracing_args,
+        api_key_env="MOE_API_KEY" if spec.serving.api_key_secret_ref else None,
+    )
+
+
+def _ray_accelerator_type(accelerator: str) -> str:
+    # Ray's accelerator_type names (ray.util.accelerators): A100-40G / A100-80G / H100 / ...
+    return {
+        "A100-40GB": "A100-40G",
+        "A100-80GB": "A100-80G",
+        "H100-80GB": "H100",
+        "H200-141GB": "H200",
+        "L40S-48GB": "L40S",
+    }.get(accelerator, accelerator)
+
+
+def serve_config(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:
+    """The Serve config document KubeRay sends to the dashboard's Serve REST API."""
+    args = app_config(owner.name, spec, plan).model_dump(mode="json", exclude_none=True)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {
+            "host": "0.0.0.0",
+            "port": spec.serving.http_port,
+            "request_timeout_s": spec.serving.request_timeout_seconds,
+        },
+        "grpc_options": {
+            "port": spec.serving.grpc_port,
+            "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+        },
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": args,
+            }
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------- RayService
+
+
+def _security_context() -> dict[str, Any]:
+    # Meets the "restricted" Pod Security Standard; Ray needs no privileges.
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "fsGroup": RAY_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(spec: MoEDeploymentSpec, plan: Plan, worker: bool) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "RAY_SERVE_ENABLE_JSON_LOGGING", "value": "1"},
+    ]
+    if spec.model.token_secret_ref:
+        ref = spec.model.token_secret_ref
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    if spec.serving.api_key_secret_ref:
+        ref = spec.serving.api_key_secret_ref
+        env.append(
+            {
+                "name": "MOE_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    if worker:
+        env += [
+            {"name": "VLLM_WORKER_MULTIPROC_METHOD", "value": "spawn"},
+            # NCCL over the pod network by default; InfiniBand/RoCE clusters override via image.
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "NCCL_CUMEM_ENABLE", "value": "0"},
+        ]
+        if plan.nodes_per_replica > 1:
+            env.append(
+                {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+            )
+    return env
+
+
+def _volumes(
+    spec: MoEDeploymentSpec, worker: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if worker:
+        volumes.append(
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory},
+            }
+        )
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        source = spec.model.source
+        if source.startswith("pvc://"):
+            claim = source.removeprefix("pvc://").partition("/")[0]
+            volumes.append(
+                {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+            )
+            mounts.append(
+                {"name": "models", "mountPath": f"{MODELS_MOUNT}/{claim}", "readOnly": True}
+            )
+    return volumes, mounts
+
+
+def _head_group(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, worker=False)
+    ports = [
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "serve", "containerPort": spec.serving.http_port},
+        {"name": "grpc", "containerPort": spec.serving.grpc_port},
+    ]
+    return {
+        # num-gpus 0: the head runs the Serve controller and proxies, never an engine rank.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+        "template": {
+            "metadata": {"labels": labels_for(owner.name, "head")},
+            "spec": {
+                "securityContext": _pod_security_context(),
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": spec.image,
+                        "ports": ports,
+                        "env": _env(spec, plan, worker=False),
+                        "resources": {
+                            "requests": {"cpu": HEAD_CPU, "memory": HEAD_MEMORY},
+                            "limits": {"cpu": HEAD_CPU, "memory": HEAD_MEMORY},
+                        },
+                        "securityContext": _security_context(),
+                        "volumeMounts": mounts,
+                    }
+                ],
+                "volumes": volumes,
+            },
+        },
+    }
+
+
+def _worker_group(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:
+    accel = ACCELERATORS[spec.resources.accelerator]
+    volumes, mounts = _volumes(spec, worker=True)
+    gpus = str(plan.gpus_per_node)
+    limits: dict[str, str] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    requests: dict[str, str] = dict(limits)
+    if accel.k8s_resource:
+        limits[accel.k8s_resource] = gpus
+        requests[accel.k8s_resource] = gpus
+    node_selector = dict(spec.resources.node_selector)
+    if accel.node_label and accel.node_label_value:
+        node_selector.setdefault(accel.node_label, accel.node_label_value)
+    pod_spec: dict[str, Any] = {
+        "securityContext": _pod_security_context(),
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": spec.image,
+                "env": _env(spec, plan, worker=True),
+                "ports": [
+                    {"name": "serve", "containerPort": spec.serving.http_port},
+                    {"name": "grpc", "containerPort": spec.serving.grpc_port},
+                ],
+                "resources": {"requests": requests, "limits": limits},
+                "securityContext": _security_context(),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [t.to_wire() for t in spec.resources.tolerations]
+    if accel.k8s_resource and not tolerations:
+        tolerations = [{"key": accel.k8s_resource, "operator": "Exists", "effect": "NoSchedule"}]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    return {
+        "groupName": "engine",
+        # One group "replica" = one Serve replica's slice of numOfHosts pods.
+        "replicas": plan.initial_replicas,
+        "minReplicas": plan.min_replicas,
+        "maxReplicas": plan.max_replicas,
+        "numOfHosts": plan.nodes_per_replica,
+        "rayStartParams": {},
+        "template": {
+            "metadata": {"labels": labels_for(owner.name, "engine")},
+            "spec": pod_spec,
+        },
+    }
+
+
+def ray_service(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:
+    """The KubeRay RayService that runs the serving app."""
+    serve = serve_config(owner, spec, plan)
+    autoscale = plan.min_replicas != plan.max_replicas
+    cluster: dict[str, Any] = {
+        "rayVersion": spec.ray_version,
+        "enableInTreeAutoscaling": autoscale,
+        "headGroupSpec": _head_group(owner, spec, plan),
+        "workerGroupSpecs": [_worker_group(owner, spec, plan)],
+    }
+    if autoscale:
+        cluster["autoscalerOptions"] = {
+            "upscalingMode": "Default",
+            # Slices are slow to restart: keep idle ones as long as Serve's downscale delay.
+            "idleTimeoutSeconds": int(max(spec.autoscaling.downscale_delay_seconds, 60)),
+            "securityContext": _security_context(),
+        }
+    body: dict[str, Any] = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(owner, owner.name, "rayservice"),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
+            "rayClusterConfig": cluster,
+        },
+    }
+    if spec.upgrade_strategy != "NewClusterWithIncrementalUpgrade":
+        body["spec"]["upgradeStrategy"] = {"type": spec.upgrade_strategy}
+    else:
+        body["spec"]["upgradeStrategy"] = {
+            "type": spec.upgrade_strategy,
+            "clusterUpgradeOptions": {
+                "gatewayClassName": "istio",
+                "stepSizePercent": 25,
+                "intervalSeconds": 60,
+                "maxSurgePercent": 100,
+            },
+        }
+    return body
+
+
+# ------------------------------------------------------------------------------- other children
+
+
+def _service(owner: Owner, suffix: str, port: int, protocol_name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, f"{owner.name}-{suffix}", suffix),
+        "spec": {
+            "type": "ClusterIP",
+            # KubeRay labels pods whose Serve proxy is healthy with ray.io/serve=true.
+            "selector": {LABEL_DEPLOYMENT: owner.name, "ray.io/serve": "true"},
+            "ports": [
+                {
+                    "name": protocol_name,
+                    "port": port,
+                    "targetPort": port,
+                    "protocol": "TCP",
+                    "appProtocol": "grpc" if protocol_name == "grpc" else "http",
+                }
+            ],
+        },
+    }
+
+
+def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
+    """Voluntary evictions take one engine pod at a time (a lost pod stops its whole slice)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, f"{owner.name}-workers", "pdb"),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_COMPONENT: "engine"}},
+        },
+    }
+
+
+def network_policy(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, Any]:
+    """Inference ports open to clients; Ray's ports only within the cluster; no dashboard."""
+    np = spec.network_policy
+    client_from: dict[str, Any] = (
+        {"podSelector": {"matchLabels": dict(np.allowed_client_labels)}}
+        if np.allowed_client_labels
+        else {"podSelector": {}}
+    )
+    own = {"podSelector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, owner.name, "networkpolicy"),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [client_from],
+                    "ports": [
+                        {"protocol": "TCP", "port": spec.serving.http_port},
+                        {"protocol": "TCP", "port": spec.serving.grpc_port},
+                    ],
+                },
+                # Ray's own traffic (GCS, object store, NCCL) stays inside the RayCluster.
+                {"from": [own]},
+                # KubeRay's operator submits the Serve config to the dashboard (8265) and probes
+                # the Serve proxy; it runs in another namespace.
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": np.kuberay_namespace}
+                            }
+                        }
+                    ],
+                    "ports": [
+                        {"protocol": "TCP", "port": 8265},
+                        {"protocol": "TCP", "port": spec.serving.http_port},
+                    ],
+                },
+            ],
+        },
+    }
+
+
+def check_renderable(spec: MoEDeploymentSpec) -> None:
+    """Cluster-only constraints the schema cannot express. Raises RenderError."""
+    if spec.model.is_local:
+        raise RenderError(
+            f"spec.model.source {spec.model.source!r} is a local path: it only works with "
+            "`moectl up`; in a cluster use hf://, s3:// or pvc://"
+        )
+    if spec.resources.accelerator == "CPU":
+        raise RenderError(
+            "spec.resources.accelerator CPU is for local runs (`moectl up`); pick a GPU type"
+        )
+
+
+def render(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
+    """All children of the MoEDeployment, in apply order."""
+    check_renderable(spec)
+    objects = [
+        ray_service(owner, spec, plan),
+        _service(owner, "http", spec.serving.http_port, "http"),
+        _service(owner, "grpc", spec.serving.grpc_port, "grpc"),
+        pod_disruption_budget(owner),
+    ]
+    if spec.network_policy.enabled:
+        objects.append(network_policy(owner, spec))
+    return objects
+
+
+def endpoints(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, str]:
+    """In-cluster addresses of the Services."""
+    base = f"{owner.namespace}.svc"
+    return {
+        "http": f"http://{owner.name}-http.{base}:{spec.serving.http_port}/v1",
+        "grpc": f"{owner.name}-grpc.{base}:{spec.serving.grpc_port}",
+    }
