@@ -1,0 +1,1 @@
+"""Helm chart and install-bundle tests (real helm; no cluster, no engine)."""

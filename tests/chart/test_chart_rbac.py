@@ -1,0 +1,133 @@
+"""The chart's RBAC: exactly the operator's API calls, no wildcards, no Secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from .checks import all_rules, rule_problems
+from .helm_render import NAMESPACE, VALUE_SETS, Obj, by_kind, one, render
+
+Grants = dict[tuple[str, str], set[str]]
+
+CRUD = {"get", "list", "watch", "create", "patch", "delete"}
+# What the operator itself calls in the namespaces it serves.
+NAMESPACED: Grants = {
+    ("serving.moeoperator.io", "moedeployments"): {"get", "list", "watch", "patch"},
+    ("serving.moeoperator.io", "moedeployments/status"): {"get", "patch"},
+    ("serving.moeoperator.io", "moedeployments/scale"): {"get"},
+    ("ray.io", "rayservices"): CRUD,
+    ("", "services"): CRUD,
+    ("policy", "poddisruptionbudgets"): CRUD,
+    ("networking.k8s.io", "networkpolicies"): CRUD,
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
+}
+CRDS: Grants = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+NAMESPACES: Grants = {("", "namespaces"): {"list", "watch"}}
+PEERING_VERBS = {"get", "list", "watch", "patch"}
+CLUSTER_PEERING: Grants = {("kopf.dev", "clusterkopfpeerings"): PEERING_VERBS}
+NS_PEERING: Grants = {("kopf.dev", "kopfpeerings"): PEERING_VERBS}
+WEBHOOK: Grants = {
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+    }
+}
+
+
+def grants(rules: list[Obj]) -> Grants:
+    """(apiGroup, resource) -> verbs, merged over all rules."""
+    out: Grants = {}
+    for rule in rules:
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def merged(*parts: Grants) -> Grants:
+    out: Grants = {}
+    for part in parts:
+        for key, verbs in part.items():
+            out.setdefault(key, set()).update(verbs)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_no_wildcards_and_no_secrets(name: str) -> None:
+    rules = all_rules(render(VALUE_SETS[name]))
+    assert rules
+    assert rule_problems(rules) == []
+
+
+def test_rule_checker_catches_wildcards_and_secrets() -> None:
+    bad = [
+        {"apiGroups": ["*"], "resources": ["pods"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]},
+    ]
+    assert len(rule_problems(bad)) == 3
+
+
+def test_all_namespaces_one_cluster_role_with_exactly_the_operators_calls() -> None:
+    objs = render({})
+    assert not by_kind(objs, "Role")
+    assert grants(one(objs, "ClusterRole")["rules"]) == merged(CRDS, CLUSTER_PEERING, NAMESPACED)
+
+
+def test_watched_namespaces_get_roles_and_a_cluster_role_for_crds_only() -> None:
+    objs = render(VALUE_SETS["namespaces"])
+    assert grants(one(objs, "ClusterRole")["rules"]) == CRDS
+    roles = by_kind(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
+    for role in roles:
+        assert grants(role["rules"]) == merged(NAMESPACED, NS_PEERING)
+
+
+def test_peering_off_grants_no_peering() -> None:
+    objs = render(VALUE_SETS["no-peering"])
+    assert grants(one(objs, "ClusterRole")["rules"]) == merged(CRDS, NAMESPACED)
+
+
+def test_webhook_adds_only_webhook_configurations() -> None:
+    objs = render(VALUE_SETS["webhook"])
+    assert grants(one(objs, "ClusterRole")["rules"]) == merged(
+        CRDS, CLUSTER_PEERING, NAMESPACED, WEBHOOK
+    )
+    standalone = render(VALUE_SETS["namespaces-webhook-standalone"])
+    assert grants(one(standalone, "ClusterRole")["rules"]) == merged(CRDS, WEBHOOK)
+    for role in by_kind(standalone, "Role"):
+        assert grants(role["rules"]) == NAMESPACED
+
+
+def test_namespace_patterns_need_cluster_wide_rules_and_namespace_watch() -> None:
+    objs = render(VALUE_SETS["patterns"])
+    assert not by_kind(objs, "Role")
+    assert grants(one(objs, "ClusterRole")["rules"]) == merged(
+        CRDS, NAMESPACES, NAMESPACED, NS_PEERING
+    )
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_bindings_bind_the_operators_service_account(name: str) -> None:
+    objs = render(VALUE_SETS[name])
+    account = one(objs, "ServiceAccount")["metadata"]["name"]
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objs}
+    bindings = by_kind(objs, "ClusterRoleBinding") + by_kind(objs, "RoleBinding")
+    assert len(bindings) == 1 + len(by_kind(objs, "Role"))
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        ]
+        ref = binding["roleRef"]
+        scope = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        assert (ref["kind"], scope, ref["name"]) in roles
+
+
+def test_rbac_can_be_left_to_the_user() -> None:
+    objs = render({"rbac": {"create": False}})
+    kinds = {o["kind"] for o in objs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
