@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import yaml
 
 from .helm_render import CHART, VALUE_SETS, Obj, by_kind, one, operator_container, render
@@ -188,3 +189,32 @@ def test_selector_labels_match_pod_labels() -> None:
     deployment = one(render({}), "Deployment")
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_installed_kopf_accepts_the_rendered_command_line(name: str) -> None:
+    """The args parse with the real kopf CLI (kopf's own click command, not invoked)."""
+    kopf_cli = pytest.importorskip("kopf.cli", reason="kopf is not installed (operator extra)")
+    values = VALUE_SETS[name]
+    args = operator_container(render(values))["args"]
+    assert args[0] == "run"
+    params = kopf_cli.run.make_context("kopf run", list(args[1:])).params
+    assert params["modules"] == ("moe_operator.handlers",)
+    assert params["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+    watched = values.get("watchNamespaces", [])
+    assert params["clusterwide"] is (not watched)
+    assert list(params["namespaces"]) == watched
+    peering = values.get("peering", {}).get("enabled", True)
+    assert params["peering_name"] == ("moe-operator" if peering else None)
+    assert params["standalone"] is (None if peering else True)
+
+
+def test_kopf_cli_check_rejects_a_bad_command_line() -> None:
+    """The check above can fail: kopf's parser refuses unknown flags and bad choices."""
+    kopf_cli = pytest.importorskip("kopf.cli", reason="kopf is not installed (operator extra)")
+    import click
+
+    with pytest.raises(click.UsageError):
+        kopf_cli.run.make_context("kopf run", ["--namespaces=a"])
+    with pytest.raises(click.UsageError):
+        kopf_cli.run.make_context("kopf run", ["--log-format=loud"])
