@@ -41,6 +41,7 @@ format: install
 
 crds: install
 	$(BIN)/moectl generate
+	$(PY) hack/render_manifests.py
 
 proto: install
 	$(PY) -m moe_serving.grpc_codegen

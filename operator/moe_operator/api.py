@@ -12,8 +12,8 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -35,13 +35,18 @@ LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "moe-operator"
 
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+_QUANTITY = re.compile(r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SOURCE = re.compile(r"^(hf://[^/@\s]+/[^/@\s]+(@[^@\s]+)?|s3://[^/\s]+/\S*|pvc://[^/\s]+(/\S*)?)$")
 _LOCAL_SOURCE = re.compile(r"^(/|\./|\.\./|file://|tiny://)\S*$")
 
 
-def _quantity(value: str) -> str:
+def _quantity(value: str | int) -> str:
+    if isinstance(value, bool):
+        raise ValueError(
+            "must be a Kubernetes quantity such as '16', '500m' or '64Gi', not a boolean"
+        )
+    value = str(value)
     if not _QUANTITY.match(value):
         raise ValueError(
             f"{value!r} is not a Kubernetes quantity; write e.g. '16', '500m', '64Gi' or '1.5Ti'"
@@ -51,7 +56,7 @@ def _quantity(value: str) -> str:
 
 Quantity = Annotated[
     str,
-    AfterValidator(_quantity),
+    BeforeValidator(_quantity),
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
@@ -79,6 +84,8 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         validate_default=True,
+        # Strict types: `true` is not 1 and "2" is not 2, as in the API server's schema check.
+        strict=True,
     )
 
     def to_wire(self) -> dict[str, Any]:

@@ -120,14 +120,14 @@ class _Converter:
                         if w is not None
                     }
                 )
-                rule = (
-                    "type(self) == int ? self >= 1 : self in ["
-                    + ", ".join(f"'{w}'" for w in words)
-                    + "]"
-                )
-                out.setdefault("x-kubernetes-validations", []).append(
-                    {"rule": rule, "message": f"must be a positive integer or one of {words}"}
-                )
+                if words:  # int | Literal[...]; a plain int | str needs no rule
+                    allowed = ", ".join(f"'{w}'" for w in words)
+                    out.setdefault("x-kubernetes-validations", []).append(
+                        {
+                            "rule": f"type(self) == int ? self >= 1 : self in [{allowed}]",
+                            "message": f"must be a positive integer or one of {words}",
+                        }
+                    )
             else:
                 raise TypeError(f"cannot express anyOf {options} in a structural schema")
         if nullable:

@@ -1,0 +1,39 @@
+"""`moectl up`: make/resolve the checkpoint, plan on the CPU, and serve with Ray Serve + vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_operator.api import MoEDeployment
+from moe_operator.local import moe_home, prepare
+
+
+def _step(message: str) -> float:
+    print(f"==> {message}", flush=True)
+    return time.monotonic()
+
+
+def up(dep: MoEDeployment, args: argparse.Namespace) -> None:
+    """Serve `dep` locally until Ctrl-C."""
+    tracing: dict[str, Any] = {}
+    if getattr(args, "trace_console", False):
+        tracing.update(enabled=True, console=True)
+    if getattr(args, "trace_file", None):
+        tracing.update(enabled=True, jsonl_path=str(Path(args.trace_file).resolve()))
+    t0 = _step(f"preparing {dep.metadata.name}: model {dep.spec.model.source}")
+    run = prepare(dep, model_override=getattr(args, "model", None), tracing_overrides=tracing)
+    print(f"    checkpoint {run.model_dir} ({time.monotonic() - t0:.1f}s)")
+    print(f"    layout: {run.plan.summary}")
+    for note in run.notes:
+        print(f"    note: {note}")
+    http_port = args.http_port or dep.spec.serving.http_port
+    grpc_port = args.grpc_port or dep.spec.serving.grpc_port
+    log_dir = Path(args.log_dir) if getattr(args, "log_dir", None) else moe_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    from moe_serving.local import run_local
+
+    run_local(run.app, http_port=http_port, grpc_port=grpc_port, log_dir=log_dir)

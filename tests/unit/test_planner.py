@@ -1,0 +1,184 @@
+"""The planner: layouts for the catalog models, expert placement, and errors that say what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.catalog import ARCHITECTURES, from_hf_config, lookup
+from moe_operator.planner import PlanningError, plan
+from unit_support import CLUSTER_EXAMPLES, load
+
+
+def spec(**overrides: Any) -> MoEDeploymentSpec:
+    base: dict[str, Any] = {"model": {"name": "m", "source": "hf://google/gemma-4-26B-A4B-it"}}
+    for key, value in overrides.items():
+        base[key] = value
+    return MoEDeploymentSpec.model_validate(base)
+
+
+EXPECTED = {
+    # example file -> (EP, TP, DP, GPUs per replica, nodes, experts per rank)
+    "gemma4-26b-a4b-a100-80gb.yaml": (2, 2, 1, 2, 1, 64),
+    "mixtral-8x7b-2xa100-40gb.yaml": (2, 2, 1, 2, 1, 4),
+    "deepseek-v3-4x8xa100-80gb.yaml": (32, 1, 32, 32, 4, 9),
+}
+
+
+@pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
+def test_examples_plan(path: Any) -> None:
+    p = plan(MoEDeploymentSpec.model_validate(load(path)["spec"]))
+    got = (
+        p.expert_parallel_size,
+        p.tensor_parallel_size,
+        p.data_parallel_size,
+        p.gpus_per_replica,
+        p.nodes_per_replica,
+        p.experts_per_rank,
+    )
+    assert got == EXPECTED[path.name]
+    assert p.max_full_length_sequences >= 1
+    assert p.weights_gib_per_gpu + p.kv_cache_gib_per_gpu <= 80
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_every_expert_is_placed_exactly_once(tp: int) -> None:
+    p = plan(spec(parallelism={"tensorParallelSize": tp}))
+    held = sorted(e for r in p.placement for e in r.experts)
+    assert held == list(range(128))  # each expert on exactly one rank
+    assert all(len(r.experts) == 128 // tp for r in p.placement)
+    assert [r.rank for r in p.placement] == list(range(tp))
+
+
+def test_redundant_experts_make_an_odd_ep_size_fit() -> None:
+    # 128 experts over EP6 does not divide; 4 redundant experts make 132 = 6 x 22.
+    with pytest.raises(PlanningError, match=r"EP6 does not divide 128 experts"):
+        plan(
+            spec(
+                parallelism={"tensorParallelSize": 2, "dataParallelSize": 3},
+                resources={"gpusPerNode": 6},
+            )
+        )
+    p = plan(
+        spec(
+            parallelism={
+                "tensorParallelSize": 2,
+                "dataParallelSize": 3,
+                "eplb": {"enabled": True, "redundantExperts": 4},
+            },
+            resources={"gpusPerNode": 6},
+        )
+    )
+    assert (p.expert_parallel_size, p.experts_per_rank, p.redundant_experts) == (6, 22, 4)
+    slots = [e for r in p.placement for e in r.experts]
+    assert len(slots) == 132 and set(slots) == set(range(128))
+
+
+def test_spans_nodes_when_one_node_is_too_small() -> None:
+    p = plan(
+        spec(
+            model={"name": "q", "source": "hf://Qwen/Qwen3-235B-A22B"},
+            resources={"accelerator": "A100-40GB", "gpusPerNode": 4},
+        )
+    )
+    assert p.nodes_per_replica > 1
+    assert p.gpus_per_replica == 4 * p.nodes_per_replica
+    assert {r.node for r in p.placement} == set(range(p.nodes_per_replica))
+
+
+def test_too_big_says_what_to_change() -> None:
+    with pytest.raises(PlanningError) as info:
+        plan(
+            spec(
+                model={"name": "d", "source": "hf://deepseek-ai/DeepSeek-V3"},
+                resources={"accelerator": "A100-40GB", "maxNodesPerReplica": 1},
+            )
+        )
+    message = str(info.value)
+    assert "does not fit" in message
+    assert "maxNodesPerReplica" in message and "quantization: fp8" in message
+
+
+def test_context_beyond_the_model_is_refused() -> None:
+    with pytest.raises(PlanningError, match=r"exceeds mixtral-8x7b's context limit of 32768"):
+        plan(
+            spec(
+                model={
+                    "name": "m",
+                    "source": "hf://mistralai/Mixtral-8x7B-v0.1",
+                    "maxModelLen": 65536,
+                }
+            )
+        )
+
+
+def test_tp_beyond_a_node_is_refused() -> None:
+    with pytest.raises(PlanningError, match=r"exceeds resources\.gpusPerNode 8"):
+        plan(spec(parallelism={"tensorParallelSize": 16}))
+
+
+def test_unknown_architecture_lists_the_catalog() -> None:
+    with pytest.raises(PlanningError, match=r"set spec\.model\.architecture to one of"):
+        plan(spec(model={"name": "x", "source": "hf://someone/unknown-moe"}))
+
+
+def test_cpu_refuses_data_parallel() -> None:
+    with pytest.raises(PlanningError, match="not supported on the CPU"):
+        plan(
+            spec(
+                model={
+                    "name": "t",
+                    "source": "hf://google/gemma-4-26B-A4B-it",
+                    "maxModelLen": 1024,
+                },
+                resources={"accelerator": "CPU", "gpusPerNode": 2, "memory": "512Gi"},
+                parallelism={"tensorParallelSize": 1, "dataParallelSize": 2},
+            )
+        )
+
+
+def test_expert_parallel_off_shards_experts_with_tp() -> None:
+    p = plan(spec(parallelism={"expertParallel": False, "tensorParallelSize": 2}))
+    assert p.expert_parallel_size == 1
+    assert all(r.experts == list(range(128)) for r in p.placement)
+    assert any("expert parallelism off" in n for n in p.notes)
+
+
+def test_gemma_catalog_entry_documents_its_routing_choice() -> None:
+    gemma = lookup("google/gemma-4-26B-A4B-it")
+    assert gemma is not None and gemma.experts_per_token == 8 and gemma.num_experts == 128
+    assert "top-8" in gemma.notes
+    # Top-8 is what makes "A4B": ~3.8B active parameters.
+    per_token_experts = gemma.expert_params * 8 / 128
+    assert 1.2e9 < per_token_experts < 1.6e9
+    assert 3.5e9 < gemma.active_params < 4.1e9
+    assert 24e9 < gemma.expert_params + 1.5e9 < 27e9
+
+
+def test_every_catalog_entry_has_a_source_and_consistent_sizes() -> None:
+    for arch in ARCHITECTURES.values():
+        assert arch.source
+        assert arch.expert_params < arch.total_params, arch.key
+        assert arch.active_params < arch.total_params, arch.key
+
+
+def test_from_hf_config_reads_a_moe_checkpoint() -> None:
+    cfg = {
+        "model_type": "qwen3_moe",
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "vocab_size": 1024,
+        "max_position_embeddings": 2048,
+    }
+    arch = from_hf_config(cfg)
+    assert (arch.num_experts, arch.experts_per_token, arch.family) == (8, 2, "qwen3_moe")
+    assert arch.tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match="no mixture-of-experts"):
+        from_hf_config({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1})
