@@ -99,6 +99,20 @@ def plan_table(dep: MoEDeployment, p: Plan) -> str:
     ]
     if accel.hourly_price_usd or p.hourly_cost_per_replica:
         rows.append(("cost", f"${p.hourly_cost_per_replica:.2f}/hour per replica (estimate)"))
+        rows.append(
+            (
+                "throughput",
+                f"~{p.assumed_output_tokens_per_s:,.0f} output tokens/s per "
+                f"replica ({p.throughput_assumption})",
+            )
+        )
+        if p.cost_per_million_output_tokens is not None:
+            rows.append(
+                (
+                    "cost per 1M out",
+                    f"${p.cost_per_million_output_tokens:.3f} (estimate; GPT-4o lists $10.00)",
+                )
+            )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("")

@@ -31,6 +31,7 @@ from moe_operator.catalog import (
     gib,
     lookup,
 )
+from moe_operator.throughput import cost_per_million_tokens, decode_roofline
 
 #: Memory kept free per GPU for activations, CUDA graphs, NCCL buffers and fragmentation.
 GPU_OVERHEAD_GIB = 3.0
@@ -91,6 +92,13 @@ class Plan(BaseModel):
     tool_call_parser: str | None
     reasoning_parser: str | None
     hourly_cost_per_replica: float
+    assumed_output_tokens_per_s: float = Field(
+        description="Estimated decode tokens/s of one replica (see `throughput_assumption`)."
+    )
+    throughput_assumption: str = Field(description="How the estimate was made.")
+    cost_per_million_output_tokens: float | None = Field(
+        description="Estimated USD per million output tokens at the assumed throughput."
+    )
     notes: list[str] = Field(default_factory=list)
 
     @property
@@ -374,6 +382,19 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         notes.append(f"{best.redundant} redundant experts make {arch.num_experts} divide by EP")
     if not spec.parallelism.expert_parallel:
         notes.append("expert parallelism off: experts are tensor-sharded on every rank")
+    hourly = round(price * total, 4)
+    estimate = decode_roofline(
+        arch,
+        accel,
+        tp=best.tp,
+        dp=best.dp,
+        ep=best.ep,
+        pp=best.pp,
+        experts_per_rank=best.experts_per_rank,
+        bytes_per_param=_bytes_per_param(spec, accel),
+        kv_bytes_per_token_per_gpu=best.kv_per_token_rank,
+        context_tokens=min(4096, max_len),
+    )
     return Plan(
         architecture=arch.key,
         family=arch.family,
@@ -403,7 +424,14 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         max_replicas=high,
         tool_call_parser=spec.model.tool_call_parser or arch.tool_call_parser,
         reasoning_parser=spec.model.reasoning_parser or arch.reasoning_parser,
-        hourly_cost_per_replica=round(price * total, 4),
+        hourly_cost_per_replica=hourly,
+        assumed_output_tokens_per_s=round(estimate.output_tokens_per_s, 1),
+        throughput_assumption=estimate.assumption,
+        cost_per_million_output_tokens=(
+            None
+            if (c := cost_per_million_tokens(hourly, estimate.output_tokens_per_s)) is None
+            else round(c, 4)
+        ),
         notes=notes,
     )
 

@@ -182,3 +182,42 @@ def test_from_hf_config_reads_a_moe_checkpoint() -> None:
     assert arch.tool_call_parser == "hermes"
     with pytest.raises(ValueError, match="no mixture-of-experts"):
         from_hf_config({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1})
+
+
+def test_decode_roofline_and_cost() -> None:
+    from moe_operator.catalog import ACCELERATORS
+    from moe_operator.throughput import cost_per_million_tokens, decode_roofline
+
+    gemma = lookup("gemma-4-26b-a4b")
+    assert gemma is not None
+    a100 = ACCELERATORS["A100-80GB"]
+    common = dict(
+        tp=2,
+        dp=1,
+        ep=2,
+        pp=1,
+        experts_per_rank=64,
+        bytes_per_param=2.0,
+        kv_bytes_per_token_per_gpu=0.0,
+    )
+    one = decode_roofline(gemma, a100, batch=1, **common)  # type: ignore[arg-type]
+    many = decode_roofline(gemma, a100, batch=64, **common)  # type: ignore[arg-type]
+    # One token touches top-8 of 128 experts; 64 tokens touch nearly all of them.
+    assert one.touched_expert_fraction == pytest.approx(8 / 128)
+    assert many.touched_expert_fraction > 0.98
+    # Batching amortises the weight reads: much more than 1x but less than 64x the throughput.
+    assert 5 < many.output_tokens_per_s / one.output_tokens_per_s < 64
+    # Single-stream decode reads dense + 1/16 of the rank's experts per step.
+    expected_bytes = gemma.dense_params * 2 / 2 + gemma.expert_params / 2 * 2 * (8 / 128)
+    assert one.bytes_per_step_per_gpu == pytest.approx(expected_bytes)
+    assert cost_per_million_tokens(3600.0, 1000.0) == pytest.approx(1000.0)
+    assert cost_per_million_tokens(1.0, 0.0) is None
+
+
+def test_plan_reports_cost_with_its_assumption() -> None:
+    p = plan(spec(pricing={"hourlyPricePerGpu": 2.0}, parallelism={"tensorParallelSize": 2}))
+    assert p.hourly_cost_per_replica == 4.0
+    assert "roofline" in p.throughput_assumption
+    assert p.cost_per_million_output_tokens == pytest.approx(
+        4.0 / (p.assumed_output_tokens_per_s * 3600) * 1e6, rel=1e-3
+    )
