@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moe_operator.api import MoEDeployment, MoEDeploymentSpec
-from moe_operator.errors import describe
 from pydantic import ValidationError
 from unit_support import EXAMPLES, load
+
+from moe_operator.api import MoEDeployment, MoEDeploymentSpec
+from moe_operator.errors import describe
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -6,9 +6,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+from unit_support import EXAMPLES, ROOT, load
+
 from moe_operator import crdgen
 from moe_operator.cli import main
-from unit_support import EXAMPLES, ROOT, load
 
 
 def _walk(node: Any, path: str = "") -> Any:

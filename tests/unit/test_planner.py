@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from unit_support import CLUSTER_EXAMPLES, load
+
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.catalog import ARCHITECTURES, from_hf_config, lookup
 from moe_operator.planner import PlanningError, plan
-from unit_support import CLUSTER_EXAMPLES, load
 
 
 def spec(**overrides: Any) -> MoEDeploymentSpec:

@@ -13,11 +13,12 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from unit_support import CLUSTER_EXAMPLES, KUBERAY_CRDS, ROOT, load
+
 from moe_operator.api import LABEL_DEPLOYMENT, MoEDeploymentSpec
 from moe_operator.planner import plan
 from moe_operator.render import Owner, RenderError, endpoints, render
 from moe_serving.config import APP_IMPORT_PATH, AppConfig
-from unit_support import CLUSTER_EXAMPLES, KUBERAY_CRDS, ROOT, load
 
 GOLDEN = Path(__file__).parent / "golden"
 K8S_VERSION = "1.33.0"
