@@ -1,0 +1,221 @@
+"""MoEDeployment status from what its children report (pure: no kopf, no client, no I/O).
+
+Conditions follow Kubernetes conventions (metav1.Condition):
+
+* Ready: the RayService serves (KubeRay's Ready condition, or serviceStatus Running on older
+  KubeRay). It stays True during a rolling upgrade while the old cluster still serves.
+* Progressing: True while the RayService has not yet reported our latest spec ready: KubeRay
+  has not observed its new generation, an upgrade (pending cluster) is under way, or it was
+  never ready. Reason Creating for a first rollout, Updating for a changed spec.
+* Degraded: True when the spec cannot be deployed (InvalidSpec / PlanFailed / RenderFailed)
+  or the Serve application failed (ServeApplicationFailed).
+
+`lastTransitionTime` only moves when a condition's status changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Obj = dict[str, Any]
+
+#: Status keys this module owns; others (written by other actors) are left alone.
+OWNED_KEYS = (
+    "observedGeneration",
+    "conditions",
+    "replicas",
+    "readyReplicas",
+    "desiredReplicas",
+    "selector",
+    "plan",
+    "endpoints",
+    "queueDepth",
+    "rayService",
+)
+
+_FAILED_APP_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the spec cannot be deployed (reason is CamelCase, message says what to change)."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the status is computed from."""
+
+    name: str
+    generation: int
+    now: str  # RFC 3339
+    problem: Problem | None = None
+    plan: Obj | None = None  # status.plan block
+    nodes_per_replica: int = 1
+    desired_replicas: int | None = None
+    selector: str | None = None
+    endpoints: Obj | None = None
+    ray_service: Obj | None = None  # the live RayService, None when absent
+    ray_service_name: str | None = None
+    queue_depth: float | None = None
+    upgrade_strategy: str = "NewCluster"
+
+
+@dataclass(frozen=True)
+class RayServiceView:
+    """What the operator reads from a KubeRay RayService."""
+
+    exists: bool
+    observed: bool  # KubeRay has seen the current spec (status.observedGeneration)
+    generation: int
+    ready: bool
+    upgrading: bool
+    failed_apps: tuple[str, ...]
+    ready_workers: int
+    available_workers: int
+
+    @classmethod
+    def read(cls, rs: Obj | None) -> RayServiceView:
+        if rs is None:
+            return cls(False, False, 0, False, False, (), 0, 0)
+        meta = rs.get("metadata") or {}
+        status = rs.get("status") or {}
+        generation = int(meta.get("generation") or 1)
+        observed_gen = status.get("observedGeneration")
+        observed = observed_gen is not None and int(observed_gen) >= generation
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        if "Ready" in conditions:
+            ready = conditions["Ready"].get("status") == "True"
+        else:
+            ready = status.get("serviceStatus") == "Running"
+        pending = (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+        upgrading = bool(pending) or (
+            conditions.get("UpgradeInProgress", {}).get("status") == "True"
+        )
+        active = status.get("activeServiceStatus") or {}
+        failed = tuple(
+            f"{app}: {info.get('status')}"
+            + (f" ({info.get('message')})" if info.get("message") else "")
+            for app, info in sorted((active.get("applicationStatuses") or {}).items())
+            if (info or {}).get("status") in _FAILED_APP_STATES
+        )
+        cluster = active.get("rayClusterStatus") or {}
+        return cls(
+            exists=True,
+            observed=observed,
+            generation=generation,
+            ready=ready,
+            upgrading=upgrading,
+            failed_apps=failed,
+            ready_workers=int(cluster.get("readyWorkerReplicas") or 0),
+            available_workers=int(cluster.get("availableWorkerReplicas") or 0),
+        )
+
+
+def _condition(
+    ctype: str, status: bool, reason: str, message: str, inputs: Inputs, previous: Obj | None
+) -> Obj:
+    value = "True" if status else "False"
+    old = next(
+        (c for c in (previous or {}).get("conditions") or [] if c.get("type") == ctype), None
+    )
+    since = old.get("lastTransitionTime") if old and old.get("status") == value else None
+    return {
+        "type": ctype,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or inputs.now,
+        "observedGeneration": inputs.generation,
+    }
+
+
+def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
+    """The owned part of `status` (camelCase), given the inputs and the previous status."""
+    rs = RayServiceView.read(inputs.ray_service)
+    nodes = max(inputs.nodes_per_replica, 1)
+    conds: list[tuple[str, bool, str, str]]
+    if inputs.problem is not None:
+        p = inputs.problem
+        conds = [
+            ("Ready", False, p.reason, "not deployed: " + p.message),
+            ("Progressing", False, p.reason, "waiting for a spec that can be deployed"),
+            ("Degraded", True, p.reason, p.message),
+        ]
+    else:
+        rs_name = inputs.ray_service_name or inputs.name
+        first_rollout = rs.generation <= 1
+        verb = "Creating" if first_rollout else "Updating"
+        if not rs.exists:
+            progressing = (True, "Creating", f"creating RayService {rs_name}")
+        elif not rs.observed or rs.upgrading:
+            what = (
+                "starting"
+                if first_rollout
+                else (f"rolling out the new spec ({inputs.upgrade_strategy} upgrade)")
+            )
+            progressing = (True, verb, f"RayService {rs_name} is {what}")
+        elif not rs.ready:
+            progressing = (True, verb, f"waiting for RayService {rs_name} to become ready")
+        else:
+            progressing = (False, "UpToDate", f"RayService {rs_name} runs the current spec")
+        ready_replicas = rs.ready_workers // nodes
+        if rs.ready:
+            ready = (True, "Serving", f"{ready_replicas} replica(s) ready")
+        elif rs.exists:
+            ready = (False, verb, f"RayService {rs_name} is not ready yet")
+        else:
+            ready = (False, "Creating", f"RayService {rs_name} does not exist yet")
+        if rs.failed_apps:
+            degraded = (True, "ServeApplicationFailed", "; ".join(rs.failed_apps))
+        else:
+            degraded = (False, "AsExpected", "")
+        conds = [("Ready", *ready), ("Progressing", *progressing), ("Degraded", *degraded)]
+
+    status: Obj = {
+        "observedGeneration": inputs.generation,
+        "conditions": [_condition(t, s, r, m, inputs, previous) for t, s, r, m in conds],
+    }
+    if inputs.problem is None:
+        status["replicas"] = rs.available_workers // nodes
+        status["readyReplicas"] = rs.ready_workers // nodes
+        status["rayService"] = inputs.ray_service_name or inputs.name
+    if inputs.desired_replicas is not None:
+        status["desiredReplicas"] = inputs.desired_replicas
+    if inputs.selector is not None:
+        status["selector"] = inputs.selector
+    if inputs.plan is not None:
+        status["plan"] = inputs.plan
+    if inputs.endpoints is not None:
+        status["endpoints"] = inputs.endpoints
+    if inputs.queue_depth is not None:
+        status["queueDepth"] = inputs.queue_depth
+    return status
+
+
+def owned(status: Obj | None) -> Obj:
+    """The keys of a live status that this module computes."""
+    return {k: v for k, v in (status or {}).items() if k in OWNED_KEYS}
+
+
+def status_patch(live: Obj | None, desired: Obj) -> Obj | None:
+    """A merge patch turning the live status into the desired one; None when already equal.
+
+    Owned keys absent from `desired` are deleted (null), so stale values do not linger.
+    """
+    current = owned(live)
+    if current == desired:
+        return None
+    patch: Obj = dict(desired)
+    for key in current:
+        if key not in desired:
+            patch[key] = None
+    return patch
+
+
+def condition(status: Obj | None, ctype: str) -> Obj | None:
+    """A condition by type (for callers and tests)."""
+    return next((c for c in (status or {}).get("conditions") or [] if c.get("type") == ctype), None)
