@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_serving.config import AppConfig
-
 from moe_operator.api import MoEDeployment, MoEDeploymentSpec
 from moe_operator.planner import Plan, PlanningError, plan
 from moe_operator.render import app_config
+from moe_serving.config import AppConfig
 
 TINY_ARCHES = ("gemma4", "qwen3_moe", "mixtral")
 

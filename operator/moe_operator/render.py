@@ -17,17 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from moe_serving.config import (
-    APP_IMPORT_PATH,
-    APP_NAME,
-    GRPC_SERVICER_FUNCTIONS,
-    AppConfig,
-    AutoscalingArgs,
-    EngineArgs,
-    EPLBArgs,
-    ReplicaResources,
-    TracingArgs,
-)
 
 from moe_operator.api import (
     API_VERSION,
@@ -40,6 +29,17 @@ from moe_operator.api import (
 )
 from moe_operator.catalog import ACCELERATORS
 from moe_operator.planner import Plan
+from moe_serving.config import (
+    APP_IMPORT_PATH,
+    APP_NAME,
+    GRPC_SERVICER_FUNCTIONS,
+    AppConfig,
+    AutoscalingArgs,
+    EngineArgs,
+    EPLBArgs,
+    ReplicaResources,
+    TracingArgs,
+)
 
 #: Where pvc:// sources are mounted in the worker pods.
 MODELS_MOUNT = "/models"

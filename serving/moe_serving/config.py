@@ -20,7 +20,9 @@ class EPLBArgs(_Strict):
     """vLLM's expert-parallel load balancer settings."""
 
     enabled: bool = Field(False, description="Turn on vLLM's EPLB (redundant, rebalanced experts).")
-    num_redundant_experts: int = Field(0, ge=0, description="Extra expert replicas spread over ranks.")
+    num_redundant_experts: int = Field(
+        0, ge=0, description="Extra expert replicas spread over ranks."
+    )
     window_size: int = Field(1000, ge=1, description="Steps of routing statistics kept.")
     step_interval: int = Field(3000, ge=1, description="Steps between two rebalances.")
 
@@ -49,6 +51,13 @@ class EngineArgs(_Strict):
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM engine args (validated by the operator)."
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Environment variables set in the replica before vLLM starts, e.g. "
+            "VLLM_CPU_KVCACHE_SPACE or VLLM_CPU_OMP_THREADS_BIND."
+        ),
+    )
 
 
 class AutoscalingArgs(_Strict):
@@ -59,14 +68,18 @@ class AutoscalingArgs(_Strict):
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
     target_queue_depth: float = Field(4.0, gt=0, description="Queued+waiting requests per replica.")
     upscale_delay_s: float = Field(30.0, ge=0, description="Sustained overload before scaling up.")
-    downscale_delay_s: float = Field(300.0, ge=0, description="Sustained idleness before scaling down.")
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Sustained idleness before scaling down."
+    )
 
 
 class TracingArgs(_Strict):
     """OpenTelemetry export of request spans."""
 
     enabled: bool = Field(False, description="Export spans.")
-    endpoint: str | None = Field(None, description="OTLP endpoint, e.g. http://otel-collector:4317.")
+    endpoint: str | None = Field(
+        None, description="OTLP endpoint, e.g. http://otel-collector:4317."
+    )
     protocol: Literal["grpc", "http/protobuf"] = Field("grpc", description="OTLP transport.")
     sample_ratio: float = Field(1.0, ge=0, le=1, description="Parent-based trace-id ratio sampler.")
     console: bool = Field(False, description="Also print spans to stdout (local runs).")
@@ -86,13 +99,15 @@ class ReplicaResources(_Strict):
 
 
 class AppConfig(_Strict):
-    """Everything `moe_serving.app:build_app` needs: what the operator renders into serveConfigV2."""
+    """All that `moe_serving.app:build_app` needs: what the operator renders into serveConfigV2."""
 
     deployment_name: str = Field("moe", description="Name of the owning MoEDeployment.")
     engine: EngineArgs
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
-    max_queued_requests: int = Field(64, ge=0, description="Waiting requests per replica before 503.")
+    max_queued_requests: int = Field(
+        64, ge=0, description="Waiting requests per replica before 503."
+    )
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once.")
     request_timeout_s: float = Field(600.0, gt=0, description="Per-request deadline.")
     tracing: TracingArgs = Field(default_factory=TracingArgs)
