@@ -27,6 +27,7 @@ from moe_operator.catalog import ACCELERATORS, ARCHITECTURES
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
 from moe_operator.render import Owner, RenderError, render
+from moe_operator.yamlio import dump_all
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "examples" / "local.yaml"
 
@@ -153,7 +154,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     p = plan(dep.spec)
     owner = Owner(dep.metadata.name, dep.metadata.namespace, args.uid, 1)
     objects = render(owner, dep.spec, p)
-    print(yaml.safe_dump_all(objects, sort_keys=False, width=100), end="")
+    print(dump_all(objects), end="")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

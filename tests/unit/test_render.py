@@ -18,6 +18,7 @@ from unit_support import CLUSTER_EXAMPLES, KUBERAY_CRDS, ROOT, load
 from moe_operator.api import LABEL_DEPLOYMENT, MoEDeploymentSpec
 from moe_operator.planner import plan
 from moe_operator.render import Owner, RenderError, endpoints, render
+from moe_operator.yamlio import dump_all
 from moe_serving.config import APP_IMPORT_PATH, AppConfig
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -101,7 +102,7 @@ def test_strict_kuberay_check_catches_unknown_fields(kuberay_schemas: Any) -> No
 
 @pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
 def test_golden(path: Path) -> None:
-    text = yaml.safe_dump_all(_render(path), sort_keys=False, width=100)
+    text = dump_all(_render(path))
     golden = GOLDEN / path.name
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
