@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from moe_serving import ep_fix
 from moe_serving.ep_fix import Decision
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from moe_serving.tinymodel import ARCHS, Arch, make_model
 
 
