@@ -34,12 +34,27 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         request = json.loads(self.rfile.read(length))
+        n = int(request.get("max_tokens", 1))
+        usage = {
+            "prompt_tokens": len(str(request.get("prompt", "")).split()),
+            "completion_tokens": n,
+        }
+        if not request.get("stream"):
+            body = json.dumps({"choices": [{"index": 0, "text": "t" * n}], "usage": usage})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for i in range(int(request.get("max_tokens", 1))):
+        for i in range(n):
             chunk = {"choices": [{"index": 0, "text": f"t{i}"}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if (request.get("stream_options") or {}).get("include_usage"):
+            self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
