@@ -25,14 +25,17 @@ def build(config: dict[str, Any]) -> Any:
     from ray.serve.llm import LLMConfig, build_openai_app
 
     tp = int(config["engine_kwargs"].get("tensor_parallel_size", 1))
+    gpu = config.get("device") == "gpu"
+    # One bundle per engine rank: a core on the CPU, a GPU (and a core) on a GPU machine.
+    bundle: dict[str, float] = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
     llm_config = LLMConfig(
         model_loading_config={
             "model_id": config["served_name"],
             "model_source": config["model_dir"],
         },
-        accelerator_config={"kind": "cpu"},
+        accelerator_config={"kind": "gpu" if gpu else "cpu"},
         engine_kwargs=dict(config["engine_kwargs"]),
-        placement_group_config={"bundles": [{"CPU": 1} for _ in range(tp)]},
+        placement_group_config={"bundles": [dict(bundle) for _ in range(tp)]},
         deployment_config={
             "num_replicas": 1,
             "ray_actor_options": {"num_cpus": 0},

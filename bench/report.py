@@ -391,6 +391,7 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         lines += [f"## Serving: {'streaming' if stream else 'non-streaming'}", ""]
         lines += sweep_table(results, stream) if serving else ["Not run."]
         lines.append("")
+    lines += [f"Note: {note}" for note in results.get("notes", [])]
     for path in plot_files:
         lines += [f"![{path.stem}]({path.name})", ""]
     lines += [

@@ -61,14 +61,21 @@ def say(message: str) -> None:
 class Plan:
     """Sizes of the run (full or quick)."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(
+        self,
+        quick: bool,
+        concurrency: list[int] | None = None,
+        prompt_tokens: int = 64,
+        max_tokens: int = 32,
+    ) -> None:
         self.quick = quick
-        self.concurrency = [1, 4, 16]
-        # Per cell: at most this many requests (by concurrency) and this many seconds.
-        self.requests = {1: 8, 4: 16, 16: 32} if quick else {1: 16, 4: 32, 16: 64}
+        self.concurrency = concurrency or [1, 4, 16]
+        # Per cell: at most this many requests (2 or 4 rounds of the concurrency, >= 8 or 16)
+        # and this many seconds.
+        self.requests = {c: max(8, 2 * c) if quick else max(16, 4 * c) for c in self.concurrency}
         self.max_seconds = 10.0 if quick else 20.0
-        self.prompt_tokens = 64
-        self.max_tokens = 32
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
         self.warmup = 4
         self.operator_ns = [1, 20, 50] if quick else [1, 50, 200]
         self.autoscale_idle_s = 8.0 if quick else 15.0
@@ -268,6 +275,13 @@ def run_serving(
                 ["ours-ep-off"],
             ),
         ]
+    if settings.device == "gpu":
+        # `moectl up` plans CPU ranks (local runs); on GPUs ours runs through the operator.
+        steps = [step for step in steps if not isinstance(step[0], Ours)]
+        results.setdefault("notes", []).append(
+            "GPU variant: ours is not launched (moectl up plans CPU ranks); on GPUs, deploy a "
+            "MoEDeployment with the operator and point bench/loadgen.py at its Service."
+        )
     for system, sweeps, names in steps:
         try:
             serve_system(system, work, results, sweeps, names)
@@ -355,7 +369,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="where results go")
     parser.add_argument("--work-dir", type=Path, default=None, help="logs and scratch files")
+    gpu = parser.add_argument_group("GPU variant (see bench/GPU.md); defaults: the CPU run")
+    gpu.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    gpu.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: tiny)")
+    gpu.add_argument("--served-name", default="tiny-moe")
+    gpu.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (EP = TP)")
+    gpu.add_argument("--no-ep", action="store_true", help="expert parallelism off")
+    gpu.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
+    gpu.add_argument("--max-model-len", type=int, default=512)
+    gpu.add_argument("--max-num-seqs", type=int, default=32)
+    gpu.add_argument("--concurrency", default="1,4,16", help="comma-separated sweep")
+    gpu.add_argument("--prompt-tokens", type=int, default=64)
+    gpu.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    try:
+        args.concurrency_list = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    except ValueError:
+        parser.error(
+            f"--concurrency {args.concurrency!r}: use comma-separated integers, e.g. 1,4,16"
+        )
+    if not args.concurrency_list or min(args.concurrency_list) < 1:
+        parser.error("--concurrency needs positive integers")
     if args.only:
         wanted = [s.strip() for s in args.only.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in SECTIONS]
@@ -374,7 +408,13 @@ def _interrupt(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    full = args.sections == list(SECTIONS) and not args.quick
+    # Only the default CPU run replaces bench/RESULTS.md; every variant writes elsewhere.
+    full = (
+        args.sections == list(SECTIONS)
+        and not args.quick
+        and args.device == "cpu"
+        and args.model is None
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = args.out_dir or (
         BENCH if full else Path(tempfile.gettempdir()) / f"moe-bench-{stamp}"
@@ -383,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
 
-    plan = Plan(args.quick)
+    plan = Plan(args.quick, args.concurrency_list, args.prompt_tokens, args.max_tokens)
     started = time.monotonic()
     results: dict[str, Any] = {
         "meta": {
@@ -413,14 +453,33 @@ def main(argv: list[str] | None = None) -> int:
                 results["sections"][section] = {"status": "not run", "detail": reason}
             engines = []
         else:
-            from moe_operator.local import tiny_model_dir
-            from moe_serving.tinymodel import make_model
+            if args.model is not None:
+                model_dir = args.model.expanduser().resolve()
+                model_text = f"checkpoint {model_dir}"
+            else:
+                from moe_operator.local import tiny_model_dir
+                from moe_serving.tinymodel import make_model
 
-            model_dir = make_model("gemma4", tiny_model_dir("gemma4"), seed=0)
-            settings = EngineSettings(model_dir=Path(model_dir))
+                model_dir = Path(make_model("gemma4", tiny_model_dir("gemma4"), seed=0))
+                model_text = (
+                    f"tiny Gemma-4-style MoE (moe_serving.tinymodel, seed 0) at {model_dir}"
+                )
+            gpu = args.device == "gpu"
+            settings = EngineSettings(
+                model_dir=model_dir,
+                served_name=args.served_name,
+                dtype=args.dtype or ("bfloat16" if gpu else "float32"),
+                max_model_len=args.max_model_len,
+                tensor_parallel_size=args.tp,
+                expert_parallel=not args.no_ep,
+                enforce_eager=not gpu,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=max(1024, args.max_model_len),
+                device=args.device,
+            )
             tok = Tok(settings.model_dir)
             results["meta"].update(
-                model=f"tiny Gemma-4-style MoE (moe_serving.tinymodel, seed 0) at {model_dir}",
+                model=model_text,
                 engine=settings.engine_kwargs(),
                 engine_env=settings.env(),
                 workload={

@@ -71,16 +71,19 @@ class EngineSettings:
     max_num_batched_tokens: int = 1024
     seed: int = 0
     kv_cache_gib: int = 1
+    device: str = "cpu"  # "gpu": the GPU variant (GPU.md); no CPU-only env or eager mode
 
     def env(self) -> dict[str, str]:
         """Environment for the engine: offline, small KV cache, one core per TP rank."""
         env = {
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
             "RAY_USAGE_STATS_ENABLED": "0",
             "VLLM_NO_USAGE_STATS": "1",
         }
+        if self.device == "gpu":
+            return env
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
         if self.tensor_parallel_size == 2:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # else "Not enough allowed NUMA nodes"
         return env
@@ -536,6 +539,7 @@ class RayServeLLM(System):
                     "served_name": self.settings.served_name,
                     "engine_kwargs": self.settings.engine_kwargs(),
                     "env": self.settings.env(),
+                    "device": self.settings.device,
                 }
             )
         )

@@ -182,6 +182,9 @@ def test_every_system_gets_the_same_engine_settings(tmp_path: Path) -> None:
     no_ep = EngineSettings(model_dir=tmp_path, expert_parallel=False, tensor_parallel_size=1)
     assert "--enable-expert-parallel" not in no_ep.vllm_cli_args()
     assert "VLLM_CPU_OMP_THREADS_BIND" not in no_ep.env()
+    gpu = EngineSettings(model_dir=tmp_path, device="gpu", enforce_eager=False)
+    assert not [k for k in gpu.env() if k.startswith("VLLM_CPU")]
+    assert "--enforce-eager" not in gpu.vllm_cli_args()
 
 
 def test_our_manifest_plans_to_the_same_engine_args(tmp_path: Path) -> None:
