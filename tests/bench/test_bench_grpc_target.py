@@ -17,11 +17,11 @@ pytest.importorskip(
     reason="moe_serving's generated gRPC stubs are missing (run `make proto`)",
 )
 
-from grpc_target import InferenceAdapter, stub_factory  # noqa: E402
-from loadgen import GrpcClient, Workload, run_load  # noqa: E402
+from grpc_target import InferenceAdapter, stub_factory
+from loadgen import GrpcClient, Workload, run_load
 
-from moe_serving.proto import inference_pb2 as pb  # noqa: E402
-from moe_serving.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.proto import inference_pb2_grpc as pb_grpc
 
 
 class FakeInference(pb_grpc.InferenceServiceServicer):
