@@ -223,10 +223,8 @@ class _Candidate:
         shard = min(tp, arch.num_kv_heads) if arch.num_kv_heads > 1 else 1
         elem = _kv_bytes_per_element(spec, accel)
         self.kv_per_token_rank = arch.kv_elements_per_token() * elem / shard / pp
-        self.kv_seq_rank = (
-            self.kv_per_token_rank * max_len
-            + arch.kv_elements_sliding_per_sequence() * elem / shard / pp
-        )
+        self.kv_window_seq_rank = arch.kv_elements_sliding_per_sequence() * elem / shard / pp
+        self.kv_seq_rank = self.kv_per_token_rank * max_len + self.kv_window_seq_rank
         self.kv_per_token_replica = arch.kv_elements_per_token() * elem
         per_group = math.floor(self.free / self.kv_seq_rank) if self.free > 0 else 0
         self.sequences = per_group * dp
@@ -393,6 +391,7 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         experts_per_rank=best.experts_per_rank,
         bytes_per_param=_bytes_per_param(spec, accel),
         kv_bytes_per_token_per_gpu=best.kv_per_token_rank,
+        kv_window_bytes_per_sequence_per_gpu=best.kv_window_seq_rank,
         context_tokens=min(4096, max_len),
     )
     return Plan(

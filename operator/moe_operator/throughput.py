@@ -6,6 +6,8 @@ to k of E experts, so a MoE layer touches E * (1 - (1 - k/E)^(B*DP)) distinct ex
 Per GPU and step:
 
     bytes = dense_bytes / TP + expert_bytes_per_rank * touched_fraction + kv_bytes_read
+
+(kv_bytes_read: full-attention layers over the whole context, sliding layers over their window)
     step_time = bytes / (HBM bandwidth * efficiency)
     tokens/s per replica = B * DP / step_time
 
@@ -53,6 +55,7 @@ def decode_roofline(
     experts_per_rank: int,
     bytes_per_param: float,
     kv_bytes_per_token_per_gpu: float,
+    kv_window_bytes_per_sequence_per_gpu: float = 0.0,
     batch: int = 64,
     context_tokens: int = 4096,
     efficiency: float = 0.5,
@@ -66,7 +69,10 @@ def decode_roofline(
     else:
         expert_bytes = arch.expert_params * bytes_per_param / tp
     dense_bytes = arch.dense_params * bytes_per_param / tp
-    kv_read = kv_bytes_per_token_per_gpu * context_tokens * batch
+    # Full-attention layers read the whole context; sliding-window layers read their window.
+    kv_read = (
+        kv_bytes_per_token_per_gpu * context_tokens + kv_window_bytes_per_sequence_per_gpu
+    ) * batch
     per_gpu = (dense_bytes + expert_bytes * touched) / pp + kv_read
     bandwidth = accel.hbm_bandwidth_gbs * 1e9 * efficiency
     step = per_gpu / bandwidth
