@@ -114,6 +114,23 @@ def _output_to(log_file: Path) -> Iterator[TextIO]:
         console.close()
 
 
+class _Stopper:
+    """SIGINT/SIGTERM handler: stops a running server, or aborts a start-up in progress."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.serving = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested.set()
+        if not self.serving:
+            raise KeyboardInterrupt  # interrupts ray.init / serve.run in the main thread
+
+    def install(self) -> dict[int, Any]:
+        """Install for SIGINT and SIGTERM; returns the previous handlers."""
+        return {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def run_local(
     app: AppConfig,
     *,
@@ -133,10 +150,8 @@ def run_local(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / "serve.log"
     print(f"Ray / vLLM logs: {log_file}", flush=True)
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    stop = _Stopper()
+    previous = stop.install()
     try:
         with _output_to(log_file) as terminal:
             _serve_until_stopped(
@@ -154,7 +169,7 @@ def _serve_until_stopped(
     host: str,
     log_file: Path,
     terminal: TextIO,
-    stop: threading.Event,
+    stop: _Stopper,
     ready_callback: Callable[[LocalEndpoints], None] | None,
 ) -> None:
     import ray
@@ -166,6 +181,7 @@ def _serve_until_stopped(
     try:
         with console.step("Starting Ray"):
             ray.init(include_dashboard=False, log_to_driver=True, namespace="moe-local")
+        stop.install()  # ray.init replaced the SIGTERM handler with one that just exits
         options = serve_options(http_port, grpc_port, host=host)
         serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
         console.say(f"Ray Serve proxies on {host}:{http_port} (HTTP) and {host}:{grpc_port} (gRPC)")
@@ -189,13 +205,16 @@ def _serve_until_stopped(
         console.say(f"OpenAI HTTP API: {endpoints.http_url}  (model {endpoints.model!r})")
         console.say(f"gRPC: {endpoints.grpc_target}  (service {GRPC_SERVICE})")
         console.say("Serving. Press Ctrl-C to stop.")
+        stop.serving = True
         if ready_callback is not None:
             # The callback's own prints belong on the terminal, not in the log.
             with contextlib.redirect_stdout(terminal):
                 ready_callback(endpoints)
-        while not stop.wait(0.5):
+        while not stop.requested.wait(0.5):
             pass
         console.say("Stopping ...")
+    except KeyboardInterrupt:
+        console.say("Interrupted during start-up; stopping ...")
     except Exception as exc:
         console.say(f"Failed: {exc} (details in {log_file})")
         raise
