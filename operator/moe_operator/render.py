@@ -395,6 +395,9 @@ def ray_service(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, 
     autoscale = plan.min_replicas != plan.max_replicas
     cluster: dict[str, Any] = {
         "rayVersion": spec.ray_version,
+        # Ray 2.60 dashboards (the Serve REST API KubeRay deploys through) take token auth;
+        # KubeRay makes the token Secret and presents it. No anonymous access to the dashboard.
+        "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": autoscale,
         "headGroupSpec": _head_group(owner, spec, plan),
         "workerGroupSpecs": [_worker_group(owner, spec, plan)],
