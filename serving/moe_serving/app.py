@@ -36,9 +36,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import grpc_api
+from moe_serving import grpc_api, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
+from moe_serving.metrics import replicas_text
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.vllm_args import world_size
 
@@ -77,9 +78,11 @@ class LLMEngine:
         self.server = EngineServer(self.config)
         await self.server.start()
 
-    async def openai(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Any]:
+    async def openai(
+        self, kind: Kind, body: dict[str, Any], trace_headers: dict[str, str] | None = None
+    ) -> AsyncIterator[Any]:
         """Stream of engine events for one OpenAI request (see `EngineServer.openai`)."""
-        async for event in self.server.openai(kind, body):
+        async for event in self.server.openai(kind, body, trace_headers):
             yield event
 
     async def models(self) -> dict[str, Any]:
@@ -136,9 +139,13 @@ class _Metrics:
             registry=self.registry,
         )
 
-    def observe(self, protocol: str, endpoint: str, code: str, started: float) -> None:
+    def observe(
+        self, protocol: str, endpoint: str, code: str, started: float, span: Any = None
+    ) -> None:
         self.requests.labels(protocol, endpoint, code).inc()
         self.latency.labels(protocol, endpoint).observe(time.monotonic() - started)
+        if span is not None:
+            tracing.end_request_span(span, code)
 
     def text(self) -> str:
         from prometheus_client import generate_latest
@@ -218,6 +225,9 @@ class Ingress:
         self.model_name = self.config.engine.served_model_name
         self.timeout_s = self.config.request_timeout_s
         self.metrics = _Metrics()
+        self.tracing = tracing.process_tracing(
+            self.config.tracing, f"{self.config.deployment_name}-ingress", {}
+        )
         self.api_key: str | None = None
         if self.config.api_key_env:
             self.api_key = os.environ.get(self.config.api_key_env)
@@ -247,14 +257,16 @@ class Ingress:
             )
 
     async def _engine_events(
-        self, kind: Kind, body: dict[str, Any]
+        self, kind: Kind, body: dict[str, Any], span: Any = None
     ) -> tuple[Any, AsyncIterator[Any], DeploymentResponseGenerator[Any]]:
         """Start the engine request; returns (head, remaining events, the handle generator)."""
         from ray.serve.exceptions import BackPressureError
 
         gen = cast(
             DeploymentResponseGenerator[Any],
-            self.engine.options(stream=True).openai.remote(kind, body),
+            self.engine.options(stream=True).openai.remote(
+                kind, body, tracing.headers_of(span) if span is not None else None
+            ),
         )
         try:
             head = await gen.__anext__()
@@ -275,8 +287,9 @@ class Ingress:
     @fastapi_app.get("/metrics")
     async def http_metrics(self) -> Response:
         engine_text = await self.engine.metrics_text.remote()
+        replicas = await asyncio.to_thread(replicas_text, ENGINE_DEPLOYMENT)
         return PlainTextResponse(
-            self.metrics.text() + engine_text, media_type="text/plain; version=0.0.4"
+            self.metrics.text() + replicas + engine_text, media_type="text/plain; version=0.0.4"
         )
 
     @fastapi_app.get("/v1/models")
@@ -298,6 +311,7 @@ class Ingress:
     async def _http_openai(self, kind: Kind, request: Request) -> Response:
         started = time.monotonic()
         endpoint = f"/v1/{'completions' if kind == 'completions' else 'chat/completions'}"
+        span = self.tracing.request_span("http", endpoint, request.headers, self.model_name)
         try:
             self._check_key(request.headers.get("authorization"))
             try:
@@ -309,26 +323,26 @@ class Ingress:
             self._check_model(body)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    head, events, gen = await self._engine_events(kind, body)
+                    head, events, gen = await self._engine_events(kind, body, span)
                     if not head["stream"]:
                         payload = await events.__anext__()
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
         except _ClientError as exc:
-            self.metrics.observe("http", endpoint, str(exc.status), started)
+            self.metrics.observe("http", endpoint, str(exc.status), started, span)
             return _error_response(exc)
         if not head["stream"]:
-            self.metrics.observe("http", endpoint, str(head["status"]), started)
+            self.metrics.observe("http", endpoint, str(head["status"]), started, span)
             headers = _retry_headers(head.get("retry_after_s"))
             return JSONResponse(payload, status_code=head["status"], headers=headers)
         return StreamingResponse(
-            self._sse(events, gen, endpoint, started),
+            self._sse(events, gen, endpoint, started, span),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
     async def _sse(
-        self, events: AsyncIterator[Any], gen: Any, endpoint: str, started: float
+        self, events: AsyncIterator[Any], gen: Any, endpoint: str, started: float, span: Any
     ) -> AsyncIterator[str]:
         code = "200"
         try:
@@ -342,7 +356,7 @@ class Ingress:
         finally:
             # Client gone or deadline: stop the engine request (no-op when it already finished).
             gen.cancel()
-            self.metrics.observe("http", endpoint, code, started)
+            self.metrics.observe("http", endpoint, code, started, span)
 
     # ---- gRPC (method names = RPC names of inference.proto) --------------------------------
 
@@ -367,6 +381,9 @@ class Ingress:
         started = time.monotonic()
         code = "OK"
         gen = None
+        span = self.tracing.request_span(
+            "grpc", "Generate", tracing.grpc_carrier(grpc_context), self.model_name
+        )
         try:
             self._check_key(_grpc_metadata(grpc_context, "authorization"))
             which = request.WhichOneof("input")
@@ -384,7 +401,7 @@ class Ingress:
             self._check_model(body)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    head, events, gen = await self._engine_events(kind, body)
+                    head, events, gen = await self._engine_events(kind, body, span)
                     if not head["stream"]:  # refused before streaming: an error body
                         payload = await events.__anext__()
                         refusal = grpc_api.error_message(payload) or "request failed"
@@ -404,7 +421,7 @@ class Ingress:
         finally:
             if gen is not None:
                 gen.cancel()
-            self.metrics.observe("grpc", "Generate", code, started)
+            self.metrics.observe("grpc", "Generate", code, started, span)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> Any:
         try:
@@ -433,6 +450,9 @@ class Ingress:
         to_response: Any,
     ) -> Any:
         started = time.monotonic()
+        span = self.tracing.request_span(
+            "grpc", method, tracing.grpc_carrier(grpc_context), self.model_name
+        )
         try:
             self._check_key(_grpc_metadata(grpc_context, "authorization"))
             try:
@@ -443,7 +463,7 @@ class Ingress:
             gen = None
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    head, events, gen = await self._engine_events(kind, body)
+                    head, events, gen = await self._engine_events(kind, body, span)
                     payload = await events.__anext__()
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
@@ -454,9 +474,10 @@ class Ingress:
                 message = grpc_api.error_message(payload) or "request failed"
                 raise _ClientError(head["status"], message, reason=head["reason"])
         except _ClientError as exc:
-            self.metrics.observe("grpc", method, str(exc.status), started)
+            code = _grpc_code(exc.status, exc.reason).name
+            self.metrics.observe("grpc", method, code, started, span)
             _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
-        self.metrics.observe("grpc", method, "200", started)
+        self.metrics.observe("grpc", method, "OK", started, span)
         return to_response(payload)
 
 

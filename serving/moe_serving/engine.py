@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
+from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
 from moe_serving.vllm_args import build_namespace, cpu_env_defaults
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class EngineServer:
         self._engine: AsyncLLM | None = None
         self._state: Any = None
         self._stats = _SchedulerStats()
+        self.observer = EngineObserver(config)  # spans, request metrics, expert load
         self.started_at: float | None = None
         self.max_model_len: int | None = None
         self.cancelled_total = 0
@@ -137,6 +139,7 @@ class EngineServer:
     def prepare_environment(self) -> dict[str, str]:
         """Set the engine's environment before vLLM is imported; returns what was set."""
         env = dict(self.config.engine.env)
+        env.update(self.observer.environment())
         os.environ.update(env)
         from vllm.platforms import current_platform
 
@@ -157,6 +160,8 @@ class EngineServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = build_namespace(self.config.engine)
+        self.observer.engine_args(args)
+        self.observer.start()  # before vLLM: its spans use this process's tracer provider
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
@@ -172,6 +177,7 @@ class EngineServer:
             enable_log_requests=False,
             disable_log_stats=False,
         )
+        instrument_engine(engine)
         self._engine = engine
         state = State()
         await init_app_state(engine, state, args, await engine.get_supported_tasks())
@@ -224,7 +230,24 @@ class EngineServer:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def openai(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[Event]:
+    async def openai(
+        self, kind: Kind, body: dict[str, Any], trace_headers: dict[str, str] | None = None
+    ) -> AsyncIterator[Event]:
+        """`_openai` observed: one `moe.engine` span (child of `trace_headers`) and metrics."""
+        request = self.observer.begin(kind, body, trace_headers)
+        try:
+            async for event in self._openai(kind, body, request):
+                request.event(event)
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            request.cancelled()
+            raise
+        finally:
+            request.end()
+
+    async def _openai(
+        self, kind: Kind, body: dict[str, Any], request: EngineRequest
+    ) -> AsyncIterator[Event]:
         """Run one OpenAI request. Yields a `ResponseHead`, then one dict or many SSE strings.
 
         Never raises for a bad request: errors are events with their HTTP status, so that a
@@ -239,6 +262,7 @@ class EngineServer:
         task = asyncio.current_task()
         try:
             async with self.admission.slot():
+                request.admitted()
                 async for event in self._run(kind, parsed):
                     yield event
         except (asyncio.CancelledError, GeneratorExit):

@@ -182,6 +182,10 @@ def register() -> dict[str, Decision]:
     # The base class and any subclass with its own `apply` (subclasses inheriting it are covered).
     classes = [base, *(c for c in _subclasses(base) if "apply" in c.__dict__)]
     decisions = {c.__name__: fix_class(c, mode) for c in classes}
+    # Expert-load counting wraps the (fixed) method; it sees the global routing ids.
+    from moe_serving.expert_load import install
+
+    install(classes)
     for name, decision in decisions.items():
         logger.info(
             "moe_cpu_ep_fix: %s.apply -> %s (mode=%s, pid=%d)",

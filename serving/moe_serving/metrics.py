@@ -1,0 +1,198 @@
+"""Prometheus series of an engine replica beyond vLLM's own `vllm:*` ones.
+
+* request outcomes, admission-queue wait, time to first token, time per output token and
+  prompt/generated token counters (rate() of the counters = tokens/s), recorded per request by
+  `moe_serving.engine_obs`;
+* expert load: tokens routed to each expert of each MoE layer and to each EP rank, summed at
+  scrape time from the per-worker files that `moe_serving.expert_load` writes;
+* the replica count of the engine deployment, from Ray Serve's status (asked by the ingress).
+
+All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
+`EngineServer.metrics_text()` exposes them together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class EngineMetrics:
+    """Per-request series of one replica process (created once per process)."""
+
+    def __init__(self, model: str, registry: CollectorRegistry = REGISTRY) -> None:
+        labels = ["model"]
+        self.model = model
+        self.requests = Counter(
+            "moe_engine_requests",
+            "Requests finished by the engine replica, by outcome "
+            "(ok, invalid_request, not_found, queue_full, internal, cancelled).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "moe_engine_queue_wait_seconds",
+            "Time a request waited in the replica's admission queue.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "moe_engine_time_to_first_token_seconds",
+            "From the request reaching the replica to its first generated token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "moe_engine_time_per_output_token_seconds",
+            "Mean time between output tokens of a request (after the first).",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "moe_engine_prompt_tokens", "Prompt tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "moe_engine_generation_tokens", "Tokens generated.", labels, registry=registry
+        )
+
+    def observe(
+        self,
+        outcome: str,
+        queue_wait_s: float | None,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        prompt_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        self.requests.labels(self.model, outcome).inc()
+        if queue_wait_s is not None:
+            self.queue_wait.labels(self.model).observe(queue_wait_s)
+        if ttft_s is not None:
+            self.ttft.labels(self.model).observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.labels(self.model).observe(tpot_s)
+        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model).inc(output_tokens)
+
+
+_ENGINE_METRICS: list[EngineMetrics] = []
+
+
+def engine_metrics(model: str) -> EngineMetrics:
+    """The process's `EngineMetrics` (Prometheus names can be registered only once)."""
+    if not _ENGINE_METRICS:
+        _ENGINE_METRICS.append(EngineMetrics(model))
+    return _ENGINE_METRICS[0]
+
+
+@dataclass
+class ExpertLoad:
+    """Summed worker counts: per (layer, expert) and per EP rank."""
+
+    by_expert: dict[tuple[int, int], int] = field(default_factory=dict)
+    by_rank: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_rank.values())
+
+
+def read_expert_load(directory: Path) -> ExpertLoad:
+    """Sum the JSON files of `moe_serving.expert_load` (one per worker process)."""
+    load = ExpertLoad()
+    for path in sorted(directory.glob("rank*-pid*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced between glob and read: next scrape sees it
+            continue
+        rank = int(data["ep_rank"])
+        for layer, counts in data["layers"].items():
+            for expert, n in enumerate(counts):
+                key = (int(layer), expert)
+                load.by_expert[key] = load.by_expert.get(key, 0) + int(n)
+                load.by_rank[rank] = load.by_rank.get(rank, 0) + int(n)
+    return load
+
+
+class ExpertLoadCollector(Collector):
+    """Scrape-time view of the expert-load files of one replica."""
+
+    def __init__(self, directory: Path, model: str) -> None:
+        self.directory = directory
+        self.model = model
+
+    def collect(self) -> Iterator[Any]:
+        load = read_expert_load(self.directory)
+        experts = CounterMetricFamily(
+            "moe_expert_tokens",
+            "Tokens routed to an expert (each token counts once per top-k slot), by MoE layer.",
+            labels=["model", "layer", "expert"],
+        )
+        for (layer, expert), n in sorted(load.by_expert.items()):
+            experts.add_metric([self.model, str(layer), str(expert)], n)
+        yield experts
+        ranks = CounterMetricFamily(
+            "moe_ep_rank_tokens",
+            "Token-expert pairs computed by an expert-parallel rank (all MoE layers).",
+            labels=["model", "ep_rank"],
+        )
+        for rank, n in sorted(load.by_rank.items()):
+            ranks.add_metric([self.model, str(rank)], n)
+        yield ranks
+
+
+_EXPERT_COLLECTOR: list[ExpertLoadCollector] = []
+
+
+def register_expert_load(directory: Path, model: str) -> None:
+    """Expose the expert-load files (once per process; a new directory replaces the old one)."""
+    if _EXPERT_COLLECTOR:
+        _EXPERT_COLLECTOR[0].directory = directory
+        return
+    collector = ExpertLoadCollector(directory, model)
+    _EXPERT_COLLECTOR.append(collector)
+    REGISTRY.register(collector)
+
+
+def replicas_text(deployment: str) -> str:
+    """`moe_serving_replicas{state}` of a deployment of the calling replica's application, from
+    Ray Serve's status (asked by the ingress; empty text when Serve cannot tell)."""
+    from ray import serve
+
+    try:
+        app_name = serve.get_replica_context().app_name
+        app = serve.status().applications.get(app_name)
+    except Exception:  # not in a replica, or the controller is unreachable: no series
+        return ""
+    states: dict[str, int] = {}
+    if app is not None and deployment in app.deployments:
+        states = {str(k): int(v) for k, v in app.deployments[deployment].replica_states.items()}
+    gauge = GaugeMetricFamily(
+        "moe_serving_replicas",
+        "Engine replicas of this application, by Ray Serve replica state.",
+        labels=["deployment", "state"],
+    )
+    for state, n in sorted(states.items()):
+        gauge.add_metric([deployment, state], n)
+    registry = CollectorRegistry(auto_describe=False)
+
+    class _Once(Collector):
+        def collect(self) -> Iterator[Any]:
+            yield gauge
+
+    registry.register(_Once())
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()

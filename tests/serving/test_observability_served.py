@@ -1,0 +1,335 @@
+"""Tracing and metrics of the served app end to end: Ray Serve, vLLM with TP=2 + EP=2.
+
+One Ray cluster and one app for the module, with tracing exported both to a JSONL file and over
+OTLP/HTTP to a receiver run by this test on 127.0.0.1 (ingress and engine are separate Ray actors,
+so an in-memory exporter would not be visible here). Every request of the module is checked for a
+complete trace: moe.ingress -> moe.engine -> vLLM's llm_request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from otlp_receiver import OtlpReceiver
+
+from moe_serving.config import AppConfig
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.proto import inference_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tiny-moe"
+SECRET_PROMPT = "zebra quartz lantern orbit"  # must never appear in a span by default
+
+
+@dataclass
+class Served:
+    http: str
+    grpc_target: str
+    model_dir: Path
+    jsonl: Path
+    receiver: OtlpReceiver
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
+
+    def stub(self) -> pb_grpc.InferenceServiceStub:
+        return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
+
+    def spans(self) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+
+    def trace(
+        self, trace_id: str, ok: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 60
+    ) -> list[dict[str, Any]]:
+        """Spans of a trace once `ok` holds (exports are asynchronous; only a hang fails)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            spans = [s for s in self.spans() if s["trace_id"] == trace_id]
+            if ok(spans):
+                return spans
+            assert time.monotonic() < deadline, f"trace {trace_id} incomplete: {spans}"
+            time.sleep(0.2)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.http}/metrics", timeout=30).text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    import ray
+    from ray import serve
+
+    from moe_serving.app import build_app
+    from moe_serving.local import serve_options
+
+    jsonl = tmp_path_factory.mktemp("traces") / "spans.jsonl"
+    with OtlpReceiver() as receiver:
+        config = AppConfig.model_validate(
+            {
+                "deployment_name": "moe-obs",
+                "engine": {
+                    "model": str(tiny_gemma4),
+                    "served_model_name": MODEL,
+                    "dtype": "float32",
+                    "max_model_len": 1024,
+                    "tensor_parallel_size": 2,
+                    "enable_expert_parallel": True,
+                    "enforce_eager": True,
+                },
+                "request_timeout_s": 300,
+                "tracing": {
+                    "enabled": True,
+                    "endpoint": receiver.endpoint,
+                    "protocol": "http/protobuf",
+                    "jsonl_path": str(jsonl),
+                },
+            }
+        )
+        http_port, grpc_port = _free_port(), _free_port()
+        ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-obs-tests")
+        try:
+            options = serve_options(http_port, grpc_port, host="127.0.0.1")
+            serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
+            serve.run(
+                build_app(config.model_dump(mode="json")),
+                name=config.deployment_name,
+                route_prefix="/",
+                blocking=False,
+            )
+            yield Served(
+                f"http://127.0.0.1:{http_port}",
+                f"127.0.0.1:{grpc_port}",
+                tiny_gemma4,
+                jsonl,
+                receiver,
+            )
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def _one(spans: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found = [s for s in spans if s["name"] == name]
+    assert len(found) == 1, f"expected one {name} span, got {found}"
+    return found[0]
+
+
+def _has(*names: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda spans: all(any(s["name"] == n for s in spans) for n in names)
+
+
+def _complete_tree(spans: list[dict[str, Any]], caller_span: str | None) -> dict[str, Any]:
+    """Checks ingress -> engine -> llm_request links; returns the engine span."""
+    ingress = _one(spans, "moe.ingress")
+    engine = _one(spans, "moe.engine")
+    vllm = _one(spans, "llm_request")
+    assert ingress["parent_span_id"] == caller_span
+    assert engine["parent_span_id"] == ingress["span_id"]
+    assert vllm["parent_span_id"] == engine["span_id"]
+    assert ingress["status"] == engine["status"] == "OK"
+    assert engine["attributes"]["moe.parallel.ep"] == 2
+    assert engine["attributes"]["moe.parallel.tp"] == 2
+    assert engine["attributes"]["gen_ai.request.model"] == MODEL
+    assert engine["attributes"]["moe.replica"]
+    assert engine["attributes"]["moe.queue_wait_s"] >= 0
+    assert engine["attributes"]["moe.time_to_first_token_s"] > 0
+    return engine
+
+
+def _no_prompt_anywhere(spans: list[dict[str, Any]]) -> None:
+    for span in spans:
+        assert SECRET_PROMPT not in json.dumps(span["attributes"]), span
+
+
+def test_http_completion_joins_the_callers_trace(served: Served) -> None:
+    traceparent, trace_id, caller_span = _traceparent()
+    out = served.client().completions.create(
+        model=MODEL,
+        prompt=SECRET_PROMPT,
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        extra_headers={"traceparent": traceparent},
+    )
+    assert out.usage is not None
+    spans = served.trace(trace_id, _has("moe.ingress", "moe.engine", "llm_request"))
+    engine = _complete_tree(spans, caller_span)
+    assert engine["attributes"]["gen_ai.usage.prompt_tokens"] == out.usage.prompt_tokens
+    assert engine["attributes"]["gen_ai.usage.completion_tokens"] == 5
+    assert engine["attributes"]["gen_ai.response.finish_reasons"] == ["length"]
+    assert _one(spans, "moe.ingress")["attributes"]["http.response.status_code"] == 200
+    _no_prompt_anywhere(spans)
+    # The same spans also went over OTLP/HTTP (vLLM's included).
+    deadline = time.monotonic() + 60
+    want = {s["span_id"] for s in spans}
+    while not want <= {s["span_id"] for s in served.receiver.snapshot()}:
+        assert time.monotonic() < deadline, "spans never reached the OTLP receiver"
+        time.sleep(0.5)
+
+
+def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Served) -> None:
+    before = {s["trace_id"] for s in served.spans()}
+    stream = served.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": SECRET_PROMPT}],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) >= 1
+    deadline = time.monotonic() + 60
+    while True:
+        new = [
+            s for s in served.spans() if s["trace_id"] not in before and s["name"] == "moe.ingress"
+        ]
+        if new:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len(new) == 1 and new[0]["attributes"]["moe.endpoint"] == "/v1/chat/completions"
+    spans = served.trace(new[0]["trace_id"], _has("moe.engine", "llm_request"))
+    engine = _complete_tree(spans, None)
+    assert engine["attributes"]["moe.stream"] is True
+    assert engine["attributes"]["gen_ai.usage.completion_tokens"] == 4
+    _no_prompt_anywhere(spans)
+
+
+def test_grpc_unary_and_streaming_take_traceparent_from_metadata(served: Served) -> None:
+    stub = served.stub()
+    sampling = pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    traceparent, trace_id, caller = _traceparent()
+    reply = stub.Complete(
+        pb.CompleteRequest(model=MODEL, prompt=SECRET_PROMPT, sampling=sampling),
+        metadata=[("traceparent", traceparent)],
+    )
+    assert reply.choices
+    spans = served.trace(trace_id, _has("moe.ingress", "moe.engine", "llm_request"))
+    _complete_tree(spans, caller)
+    assert _one(spans, "moe.ingress")["attributes"]["rpc.grpc.status_code"] == "OK"
+    _no_prompt_anywhere(spans)
+
+    traceparent, trace_id, caller = _traceparent()
+    request = pb.GenerateRequest(
+        completion=pb.CompleteRequest(model=MODEL, prompt=SECRET_PROMPT, sampling=sampling)
+    )
+    chunks = list(stub.Generate(request, metadata=[("traceparent", traceparent)]))
+    assert chunks
+    spans = served.trace(trace_id, _has("moe.ingress", "moe.engine", "llm_request"))
+    engine = _complete_tree(spans, caller)
+    assert engine["attributes"]["gen_ai.usage.completion_tokens"] == 3
+    assert _one(spans, "moe.ingress")["attributes"]["rpc.method"] == "Generate"
+
+
+def test_failed_requests_have_error_spans(served: Served) -> None:
+    # Refused by the ingress (unknown model): the trace is the ingress span alone.
+    traceparent, trace_id, caller = _traceparent()
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(
+            model="nope", prompt="x", extra_headers={"traceparent": traceparent}
+        )
+    ingress = _one(served.trace(trace_id, _has("moe.ingress")), "moe.ingress")
+    assert ingress["parent_span_id"] == caller and ingress["status"] == "ERROR"
+    assert ingress["attributes"]["http.response.status_code"] == 400
+
+    # Refused by the engine (vLLM's validation): ingress and engine spans, both errors.
+    traceparent, trace_id, caller = _traceparent()
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(
+            model=MODEL, prompt="x", temperature=-1, extra_headers={"traceparent": traceparent}
+        )
+    spans = served.trace(trace_id, _has("moe.ingress", "moe.engine"))
+    ingress, engine = _one(spans, "moe.ingress"), _one(spans, "moe.engine")
+    assert engine["parent_span_id"] == ingress["span_id"]
+    assert engine["status"] == ingress["status"] == "ERROR"
+    assert engine["attributes"]["moe.outcome"] == "invalid_request"
+
+    # gRPC with an unknown model: NOT_FOUND on the ingress span.
+    traceparent, trace_id, caller = _traceparent()
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub().Complete(
+            pb.CompleteRequest(model="nope", prompt="x"), metadata=[("traceparent", traceparent)]
+        )
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    ingress = _one(served.trace(trace_id, _has("moe.ingress")), "moe.ingress")
+    assert ingress["status"] == "ERROR"
+    assert ingress["attributes"]["rpc.grpc.status_code"] == "NOT_FOUND"
+
+
+_RANK = re.compile(r'^moe_ep_rank_tokens_total\{[^}]*ep_rank="(\d+)"[^}]*\} (\S+)$', re.M)
+_EXPERT = re.compile(r"^moe_expert_tokens_total\{[^}]*\} (\S+)$", re.M)
+
+
+def _rank_counts(text: str) -> dict[str, float]:
+    return {rank: float(v) for rank, v in _RANK.findall(text)}
+
+
+def test_expert_load_counts_every_routed_token_on_both_ep_ranks(served: Served) -> None:
+    config = json.loads((served.model_dir / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    layers, top_k = text_config["num_hidden_layers"], text_config["top_k_experts"]
+    before = _rank_counts(served.metrics())
+    new_tokens = 6
+    out = served.client().completions.create(
+        model=MODEL,
+        prompt="a prompt used by no other test: expert load " + secrets.token_hex(4),
+        max_tokens=new_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.usage is not None
+    # The forward passes: the prompt once, then each generated token but the last.
+    tokens = out.usage.prompt_tokens + new_tokens - 1
+    expected = tokens * top_k * layers
+    deadline = time.monotonic() + 60
+    while True:
+        text = served.metrics()
+        after = _rank_counts(text)
+        delta = sum(after.values()) - sum(before.values())
+        if delta == expected:
+            break
+        assert time.monotonic() < deadline, f"routed {delta} != {expected} ({before} -> {after})"
+        time.sleep(0.3)
+    assert set(after) == {"0", "1"}
+    assert all(after[r] > before.get(r, 0) for r in after), (before, after)
+    assert sum(float(v) for v in _EXPERT.findall(text)) == sum(after.values())
+
+
+def test_request_metrics(served: Served) -> None:
+    text = served.metrics()
+    ok = re.search(r'^moe_engine_requests_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', text, re.M)
+    assert ok and float(ok.group(1)) >= 1
+    assert re.search(r'^moe_engine_requests_total\{[^}]*outcome="invalid_request"', text, re.M)
+    count = re.search(r"^moe_engine_time_to_first_token_seconds_count\{[^}]*\} (\S+)$", text, re.M)
+    assert count and float(count.group(1)) >= 1
+    assert re.search(r"^moe_engine_time_per_output_token_seconds_count", text, re.M)
+    assert re.search(r"^moe_engine_generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)
+    running = re.search(r'^moe_serving_replicas\{[^}]*state="RUNNING"[^}]*\} (\S+)$', text, re.M)
+    assert running and float(running.group(1)) == 1
+    assert "moe_replica_queue_depth " in text
