@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import grpc_api, tracing
+from moe_serving import autoscaling, grpc_api, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
 from moe_serving.metrics import replicas_text
@@ -103,6 +103,10 @@ class LLMEngine:
     def queue_depth(self) -> dict[str, int]:
         """Queued (ours) + waiting and running (vLLM) requests: the autoscaling signal."""
         return self.server.queue_depth().as_dict()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom-metrics hook: waiting/running requests for the autoscaling policy."""
+        return autoscaling.replica_stats(self.server.queue_depth().as_dict())
 
     def metrics_text(self) -> str:
         return self.server.metrics_text()
@@ -485,7 +489,8 @@ def engine_deployment_options(config: AppConfig) -> dict[str, Any]:
     """Ray Serve options of the engine deployment (one replica = one engine with all its ranks)."""
     return {
         "name": ENGINE_DEPLOYMENT,
-        "num_replicas": initial_replicas(config),
+        # A fixed count, or replicas following queue depth (moe_serving.autoscaling).
+        **autoscaling.replica_count_options(config.autoscaling, config.max_ongoing_requests),
         # The replica actor holds no rank itself: it sits in the first bundle, free.
         "ray_actor_options": {"num_cpus": 0},
         "placement_group_bundles": engine_bundles(config),

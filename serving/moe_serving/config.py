@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -71,6 +71,21 @@ class AutoscalingArgs(_Strict):
     downscale_delay_s: float = Field(
         300.0, ge=0, description="Sustained idleness before scaling down."
     )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which replicas' queue metrics are averaged."
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often replicas push their queue metrics to Serve."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling.min_replicas ({self.min_replicas}) exceeds max_replicas "
+                f"({self.max_replicas}): lower min_replicas or raise max_replicas"
+            )
+        return self
 
 
 class TracingArgs(_Strict):
