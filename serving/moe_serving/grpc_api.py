@@ -108,6 +108,10 @@ def chat_body(request: pb.ChatRequest, *, stream: bool = False) -> dict[str, Any
         body["response_format"] = _json_field(
             request.response_format_json, "response_format_json", dict
         )
+    if request.chat_template_kwargs_json:
+        body["chat_template_kwargs"] = _json_field(
+            request.chat_template_kwargs_json, "chat_template_kwargs_json", dict
+        )
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

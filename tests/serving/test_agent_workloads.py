@@ -1,0 +1,378 @@
+"""Agent workloads on the served app: tool calling, structured outputs, thinking on/off.
+
+One Ray cluster and one app for the module: the tiny Qwen3-MoE checkpoint served with the
+parsers the catalog gives that family (`hermes` tool calls, `qwen3` reasoning), which the
+replica hands to vLLM's OpenAI layer with `enable_auto_tool_choice`. Weights are random, so
+the model never *chooses* a tool: `auto` is only checked for an accepted request with a valid
+response shape. What random weights cannot fake is the constrained decoding: `required` and
+named tool choice (with `strict` tools) and `json_schema` outputs must validate against their
+JSON schema, through the `openai` client over HTTP and through the gRPC stub.
+
+Random weights favour whitespace, which JSON grammars allow anywhere and without bound (vLLM's
+`disable_any_whitespace` does not reach the structural tags of tool calls): structured requests
+bias whitespace-only tokens away (`logit_bias`), so the object ends within `max_tokens`; the
+grammar still decides what is valid. Structured requests also switch thinking off
+(`chat_template_kwargs.enable_thinking=False`): with a reasoning parser, vLLM constrains only
+the answer, after the reasoning ends, and a random model never ends its reasoning.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jsonschema
+import openai
+import pytest
+
+from moe_serving.config import AppConfig
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.proto import inference_pb2_grpc as pb_grpc
+from moe_serving.tinymodel import Arch
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tiny-agent"
+NO_THINKING: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": False}}
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Paris this week?"}]
+# Bounded strings, enums and integer ranges: a random model still reaches the end of the object.
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+TIME_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+
+
+def _tool(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    # strict: OpenAI's switch for "arguments must follow the schema"; vLLM then constrains them.
+    return {
+        "type": "function",
+        "function": {"name": name, "description": name, "parameters": schema, "strict": True},
+    }
+
+
+TOOLS = [_tool("get_weather", WEATHER_SCHEMA), _tool("get_time", TIME_SCHEMA)]
+SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
+MAX_TOKENS = 400
+
+
+@dataclass
+class Served:
+    http: str
+    grpc_target: str
+    no_whitespace: dict[str, int]  # logit_bias pushing whitespace-only tokens away
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
+
+    def stub(self) -> pb_grpc.InferenceServiceStub:
+        return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
+    import ray
+    from ray import serve
+
+    from moe_serving.app import build_app
+    from moe_serving.local import serve_options
+
+    model_dir = tiny_models("qwen3_moe")
+    config = AppConfig.model_validate(
+        {
+            "deployment_name": "moe-agent-test",
+            "engine": {
+                "model": str(model_dir),
+                "served_model_name": MODEL,
+                "dtype": "float32",
+                "max_model_len": 2048,
+                "enforce_eager": True,
+                # What the operator fills from the catalog for qwen3_moe.
+                "tool_call_parser": "hermes",
+                "reasoning_parser": "qwen3",
+            },
+            "request_timeout_s": 300,
+        }
+    )
+    http_port, grpc_port = _free_port(), _free_port()
+    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-agent-tests")
+    try:
+        options = serve_options(http_port, grpc_port, host="127.0.0.1")
+        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
+        serve.run(
+            build_app(config.model_dump(mode="json")),
+            name=config.deployment_name,
+            route_prefix="/",
+            blocking=False,
+        )
+        yield Served(
+            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", _whitespace_bias(model_dir)
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _whitespace_bias(model_dir: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bias = {str(i): -100 for i in range(len(tok)) if not str(tok.decode([i])).strip()}
+    assert bias  # the byte-level vocabulary has space, tab and newline tokens
+    return bias
+
+
+def _chat(served: Served, structured: bool = True, **kwargs: Any) -> Any:
+    extra = {**NO_THINKING, **kwargs.pop("extra_body", {})}
+    if structured:
+        extra["logit_bias"] = served.no_whitespace
+    return served.client().chat.completions.create(
+        model=MODEL,
+        messages=kwargs.pop("messages", MESSAGES),
+        temperature=0,
+        max_tokens=kwargs.pop("max_tokens", MAX_TOKENS),
+        extra_body=extra,
+        **kwargs,
+    )
+
+
+def _assert_valid_calls(calls: list[tuple[str, str]], only: str | None = None) -> None:
+    """Each (name, arguments JSON) is a call of a declared tool with schema-valid arguments."""
+    assert calls, "no tool call in the response"
+    for name, arguments in calls:
+        assert name in SCHEMAS and (only is None or name == only)
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+# ---- tool calling over HTTP (openai client) ----------------------------------------------------
+
+
+def test_required_tool_choice_gives_schema_valid_calls(served: Served) -> None:
+    chat = _chat(served, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    choice = chat.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls])
+    assert all(c.id and c.type == "function" for c in calls)
+
+
+def test_named_tool_choice_calls_that_function(served: Served) -> None:
+    choice = _chat(
+        served,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    ).choices[0]
+    calls = choice.message.tool_calls or []
+    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls], only="get_time")
+
+
+def test_streamed_required_tool_call_assembles_to_valid_arguments(served: Served) -> None:
+    stream = _chat(
+        served, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True
+    )
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                if delta.function and delta.function.name:
+                    names[delta.index] = delta.function.name
+                if delta.function and delta.function.arguments:
+                    arguments[delta.index] = (
+                        arguments.get(delta.index, "") + delta.function.arguments
+                    )
+    assert finish == "tool_calls"
+    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
+
+
+def test_auto_tool_choice_is_accepted_with_a_valid_shape(served: Served) -> None:
+    # Random weights do not decide to call a tool; the parser must still answer cleanly.
+    for stream in (False, True):
+        if stream:
+            chunks = list(
+                _chat(served, False, tools=TOOLS, tool_choice="auto", max_tokens=8, stream=True)
+            )
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop", "tool_calls")
+            continue
+        choice = _chat(served, False, tools=TOOLS, tool_choice="auto", max_tokens=8).choices[0]
+        assert choice.message.role == "assistant"
+        assert choice.finish_reason in ("length", "stop", "tool_calls")
+        assert choice.message.content or choice.message.tool_calls
+
+
+def test_tool_result_turn_is_accepted(served: Served) -> None:
+    messages = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": '{"zone": "CET"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    choice = _chat(served, False, messages=messages, tools=TOOLS, max_tokens=4).choices[0]
+    assert choice.finish_reason == "length"
+
+
+def test_named_tool_choice_of_an_unknown_function_is_a_400(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError):
+        _chat(served, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+# ---- structured outputs over HTTP --------------------------------------------------------------
+
+
+def test_json_schema_response_validates(served: Served) -> None:
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA, "strict": True},
+    }
+    choice = _chat(served, response_format=response_format).choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content or ""), WEATHER_SCHEMA)
+
+
+def test_json_object_response_is_constrained_to_an_object(served: Served) -> None:
+    # Any JSON object is allowed, so a random model may not close it within max_tokens: the
+    # output must start as an object (the unconstrained answer does not), and parse when done.
+    free = _chat(served, structured=False, max_tokens=12).choices[0].message.content or ""
+    assert not free.lstrip().startswith("{")
+    choice = _chat(served, response_format={"type": "json_object"}, max_tokens=100).choices[0]
+    content = choice.message.content or ""
+    assert content.lstrip().startswith("{")
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        {"type": "xml"},
+    ],
+)
+def test_invalid_response_format_is_a_400(served: Served, response_format: Any) -> None:
+    with pytest.raises(openai.BadRequestError):
+        _chat(served, response_format=response_format, max_tokens=4)
+
+
+# ---- reasoning (thinking on/off per request) ---------------------------------------------------
+
+
+def test_thinking_switch_moves_output_between_reasoning_and_content(served: Served) -> None:
+    # qwen3 reasoning parser: with thinking on, everything before </think> is reasoning; a
+    # random model never closes it, so all text is reasoning. With thinking off: all content.
+    on = _chat(
+        served,
+        structured=False,
+        max_tokens=8,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    message = on.choices[0].message
+    assert message.model_extra is not None and message.model_extra.get("reasoning")
+    assert not message.content
+    off = _chat(served, structured=False, max_tokens=8).choices[0].message
+    assert off.content and not (off.model_extra or {}).get("reasoning")
+
+
+# ---- the same over gRPC ------------------------------------------------------------------------
+
+
+def _grpc_chat(
+    served: Served, extra: dict[str, Any] | None = None, **fields: Any
+) -> pb.ChatRequest:
+    fields.setdefault("chat_template_kwargs_json", json.dumps({"enable_thinking": False}))
+    fields["extra_json"] = json.dumps({"logit_bias": served.no_whitespace, **(extra or {})})
+    return pb.ChatRequest(
+        model=MODEL,
+        messages=[pb.ChatMessage(role="user", content=MESSAGES[0]["content"])],
+        sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+        **fields,
+    )
+
+
+def test_grpc_named_tool_choice_gives_a_schema_valid_call(served: Served) -> None:
+    response = served.stub().Chat(
+        _grpc_chat(
+            served,
+            tools_json=json.dumps(TOOLS),
+            tool_choice_json=json.dumps({"type": "function", "function": {"name": "get_weather"}}),
+        ),
+        timeout=300,
+    )
+    calls = json.loads(response.choices[0].tool_calls_json)
+    _assert_valid_calls(
+        [(c["function"]["name"], c["function"]["arguments"]) for c in calls], only="get_weather"
+    )
+
+
+def test_grpc_streamed_required_tool_call(served: Served) -> None:
+    request = _grpc_chat(
+        served,
+        {"parallel_tool_calls": False},
+        tools_json=json.dumps(TOOLS),
+        tool_choice_json='"required"',
+    )
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    for chunk in served.stub().Generate(pb.GenerateRequest(chat=request), timeout=300):
+        for delta in json.loads(chunk.tool_calls_json) if chunk.tool_calls_json else []:
+            function = delta.get("function") or {}
+            if function.get("name"):
+                names[delta["index"]] = function["name"]
+            arguments[delta["index"]] = arguments.get(delta["index"], "") + (
+                function.get("arguments") or ""
+            )
+    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
+
+
+def test_grpc_json_schema_response_validates(served: Served) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": TIME_SCHEMA}}
+    response = served.stub().Chat(
+        _grpc_chat(served, response_format_json=json.dumps(response_format)), timeout=300
+    )
+    jsonschema.validate(json.loads(response.choices[0].text), TIME_SCHEMA)
+
+
+def test_grpc_invalid_schema_is_invalid_argument(served: Served) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub().Chat(_grpc_chat(served, response_format_json=json.dumps(bad)), timeout=300)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_thinking_on_returns_reasoning_content(served: Served) -> None:
+    request = _grpc_chat(served, chat_template_kwargs_json=json.dumps({"enable_thinking": True}))
+    request.sampling.max_tokens = 8
+    choice = served.stub().Chat(request, timeout=300).choices[0]
+    assert choice.reasoning_content and not choice.text
