@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml hack/install_helm.py
 run: install
 	$(BIN)/moectl up
 
-test: install
+# Lint first (seconds), then the whole suite; CI runs exactly this.
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the tests that start Ray / vLLM.

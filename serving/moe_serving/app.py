@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import autoscaling, grpc_api, tracing
+from moe_serving import autoscaling, grpc_api, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
 from moe_serving.metrics import replicas_text
@@ -251,6 +251,9 @@ class Ingress:
             raise _ClientError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
 
     def _check_model(self, body: dict[str, Any]) -> None:
+        problem = schemas.schema_problem(body)
+        if problem:
+            raise _ClientError(400, problem, reason="invalid_schema")
         model = body.get("model")
         if model is not None and model != self.model_name:
             # HTTP 400 (as asked of this API); gRPC NOT_FOUND.

@@ -278,12 +278,21 @@ def test_json_object_response_is_constrained_to_an_object(served: Served) -> Non
     "response_format",
     [
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        # Accepted by vLLM's grammar compiler; refused by our metaschema check.
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"minimum": "low"}}},
         {"type": "xml"},
     ],
 )
 def test_invalid_response_format_is_a_400(served: Served, response_format: Any) -> None:
     with pytest.raises(openai.BadRequestError):
         _chat(served, response_format=response_format, max_tokens=4)
+
+
+def test_invalid_tool_parameters_schema_is_a_400(served: Served) -> None:
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(served, tools=[bad_tool], max_tokens=4)
+    assert "tools[0].function.parameters is not a valid JSON Schema" in str(info.value)
 
 
 # ---- reasoning (thinking on/off per request) ---------------------------------------------------
