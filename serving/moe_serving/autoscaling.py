@@ -32,7 +32,7 @@ Serve's delays to 0 so that ours are the only ones, and the same min/max.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 #: Metric names a replica reports from `record_autoscaling_stats`.
@@ -52,6 +52,9 @@ class Settings:
     downscale_delay_s: float
     capacity_per_replica: float  # requests a replica runs at once (max_ongoing_requests)
     downscale_headroom: float = 0.8  # fraction of capacity a smaller count may be loaded to
+    # After the running count changes, metrics averaged over Serve's look-back window still
+    # describe the old count: no extra replica is forced for this long (`needed` still acts).
+    settle_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_queue_depth <= 0 or self.capacity_per_replica <= 0:
@@ -80,22 +83,24 @@ class State:
     direction: int = 0  # +1 / -1 while a change is wanted, 0 otherwise
     since: float | None = None  # when that change became wanted
     capacity: float | None = None  # learned requests-at-once per replica
+    running: int | None = None  # running replicas last seen ...
+    running_since: float | None = None  # ... and since when
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            f"{_STATE_PREFIX}direction": self.direction,
-            f"{_STATE_PREFIX}since": self.since,
-            f"{_STATE_PREFIX}capacity": self.capacity,
-        }
+        return {f"{_STATE_PREFIX}{k}": v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> State:
-        since = data.get(f"{_STATE_PREFIX}since")
-        capacity = data.get(f"{_STATE_PREFIX}capacity")
+        def get(key: str, kind: type) -> Any:
+            value = data.get(f"{_STATE_PREFIX}{key}")
+            return None if value is None else kind(value)
+
         return cls(
             direction=int(data.get(f"{_STATE_PREFIX}direction", 0)),
-            since=None if since is None else float(since),
-            capacity=None if capacity is None else float(capacity),
+            since=get("since", float),
+            capacity=get("capacity", float),
+            running=get("running", int),
+            running_since=get("running_since", float),
         )
 
 
@@ -124,6 +129,12 @@ def decide(settings: Settings, obs: Observation, now: float, state: State) -> tu
     waiting = obs.router_waiting + obs.waiting
     demand = waiting + obs.running
     n = obs.replicas
+    running_since = state.running_since
+    if state.running != obs.running_replicas or running_since is None:
+        running_since = now
+    settled = now - running_since + 1e-6 >= settings.settle_s
+    # What is kept whatever the decision (a pending change is added below when there is one).
+    keep = State(capacity=capacity, running=obs.running_replicas, running_since=running_since)
 
     def clamp(count: int) -> int:
         return min(max(count, low), high)
@@ -132,11 +143,11 @@ def decide(settings: Settings, obs: Observation, now: float, state: State) -> tu
         # From zero: requests are waiting for a replica, start them now (no delay).
         # Out of bounds (the spec changed): back inside at once.
         wanted = clamp(_needed(demand, capacity, settings.target_queue_depth)) if n == 0 else n
-        return clamp(wanted), State(capacity=capacity)
+        return clamp(wanted), keep
 
     if waiting / n > settings.target_queue_depth:
         wanted = _needed(demand, capacity, settings.target_queue_depth)
-        if obs.running_replicas >= n:
+        if obs.running_replicas >= n and settled:
             wanted = max(wanted, n + 1)  # the queue is real: at least one more
         candidate = clamp(wanted)
     else:
@@ -145,13 +156,13 @@ def decide(settings: Settings, obs: Observation, now: float, state: State) -> tu
         candidate = clamp(fits) if fits < n else n
 
     if candidate == n:
-        return n, State(capacity=capacity)  # inside the band: any pending change is forgotten
+        return n, keep  # inside the band: any pending change is forgotten
     direction = 1 if candidate > n else -1
     since = state.since if state.direction == direction and state.since is not None else now
     delay = settings.upscale_delay_s if direction > 0 else settings.downscale_delay_s
     if now - since + 1e-6 >= delay:
-        return candidate, State(capacity=capacity)
-    return n, replace(state, direction=direction, since=since, capacity=capacity)
+        return candidate, keep
+    return n, replace(keep, direction=direction, since=since)
 
 
 # ---- the replica side ----------------------------------------------------------------------
@@ -187,6 +198,7 @@ class QueueDepthPolicy:
         downscale_delay_s: float,
         capacity_per_replica: float,
         downscale_headroom: float = 0.8,
+        settle_s: float = 0.0,
     ) -> None:
         self.settings = Settings(
             target_queue_depth=target_queue_depth,
@@ -194,6 +206,7 @@ class QueueDepthPolicy:
             downscale_delay_s=downscale_delay_s,
             capacity_per_replica=capacity_per_replica,
             downscale_headroom=downscale_headroom,
+            settle_s=settle_s,
         )
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
@@ -236,6 +249,7 @@ def serve_autoscaling_config(
                 "upscale_delay_s": args.upscale_delay_s,
                 "downscale_delay_s": args.downscale_delay_s,
                 "capacity_per_replica": capacity_per_replica,
+                "settle_s": args.look_back_period_s,
             },
         ),
     }

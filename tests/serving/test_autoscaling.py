@@ -256,6 +256,21 @@ def test_lower_real_capacity_is_learned_and_does_not_flap() -> None:
     assert sim.replicas == 3
 
 
+def test_stale_metrics_right_after_a_change_force_no_extra_replica() -> None:
+    # Serve averages metrics over a look-back window: just after the 2nd replica came up the
+    # average still shows the old queue. Only `needed` (from the total) acts until it settles.
+    s = settings(target_queue_depth=1, capacity_per_replica=1, upscale_delay_s=0, settle_s=2)
+    state = State(capacity=1.0, running=1, running_since=0.0)
+    stale = Observation(2, 2, 0.0, waiting=3.0, running=1.0, min_replicas=1, max_replicas=5)
+    desired, state = decide(s, stale, 10.0, state)
+    assert desired == 2  # 4 in flight need ceil(4 / 2) = 2; no forced +1 while unsettled
+    desired, state = decide(s, stale, 11.0, state)
+    assert desired == 2
+    # The same queue after the window has passed is real: one more replica.
+    desired, _ = decide(s, stale, 12.5, state)
+    assert desired == 3
+
+
 # ---- scale to zero -----------------------------------------------------------------------------
 
 
@@ -293,7 +308,7 @@ def test_busy_replica_is_not_scaled_to_zero() -> None:
 
 
 def test_state_round_trips_through_serve_policy_state() -> None:
-    state = State(direction=-1, since=12.5, capacity=3.0)
+    state = State(direction=-1, since=12.5, capacity=3.0, running=2, running_since=11.0)
     merged = {"some_serve_key": 1, **state.as_dict()}
     assert State.from_dict(merged) == state
     assert State.from_dict({}) == State()
@@ -375,10 +390,11 @@ def test_autoscaling_config_carries_the_spec() -> None:
         "upscale_delay_s": 7.0,
         "downscale_delay_s": 70.0,
         "capacity_per_replica": 8,
+        "settle_s": 4.0,
     }
     # What Serve instantiates in the controller: our class with those kwargs.
     policy = parsed.policy.get_policy()(**parsed.policy.policy_kwargs)
-    assert policy.settings == Settings(5, 7, 70, 8)
+    assert policy.settings == Settings(5, 7, 70, 8, settle_s=4)
 
 
 def test_spec_initial_replicas_is_kept() -> None:
