@@ -33,7 +33,9 @@ def main() -> None:
             if app is not None:
                 line["deployments"] = {
                     name: {
-                        "replicas": {str(k): int(v) for k, v in d.replica_states.items()},
+                        "replicas": {
+                            getattr(k, "value", str(k)): int(v) for k, v in d.replica_states.items()
+                        },
                         "status": str(d.status),
                         "message": d.message,
                     }
