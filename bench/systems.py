@@ -279,6 +279,10 @@ class MemoryMonitor:
 
     def peak(self, since_s: float = 0.0) -> MemorySample | None:
         window = [s for s in self.samples if s.t_s >= since_s]
+        if not window and not self._stop.is_set():
+            # The window is younger than one sampling interval (a fast phase on a loaded
+            # machine): sample now rather than report nothing.
+            window = [self.now()]
         return max(window, key=lambda s: s.total_rss) if window else None
 
     def now(self) -> MemorySample:
