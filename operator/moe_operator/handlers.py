@@ -182,6 +182,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
         from moe_operator.webhook import configure_admission
 
         configure_admission(settings, cfg)
+        _register_validation()
 
 
 @kopf.on.cleanup()
@@ -588,7 +589,17 @@ def validate_body(body: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-@kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-spec", operations=["CREATE", "UPDATE"])
+def _register_validation() -> None:
+    """Register the admission handler, once. Only with a webhook server: kopf refuses to start
+    when admission handlers exist and no server is configured (the chart's default)."""
+    registry = kopf.get_default_registry()
+    if any(h.id == "validate-spec" for h in registry._webhooks.get_all_handlers()):
+        return
+    kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-spec", operations=["CREATE", "UPDATE"])(
+        validate_moedeployment
+    )
+
+
 def validate_moedeployment(**kwargs: Any) -> None:
     """Reject a spec the operator could not deploy, naming the field and what to change."""
     body, old = kwargs["body"], kwargs.get("old")
