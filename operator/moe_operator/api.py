@@ -35,7 +35,8 @@ LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "moe-operator"
 
-_QUANTITY = re.compile(r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+# signedNumber + suffix (binary SI, decimal SI or a decimal exponent), as the API server parses it.
+_QUANTITY = re.compile(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SOURCE = re.compile(r"^(hf://[^/@\s]+/[^/@\s]+(@[^@\s]+)?|s3://[^/\s]+/\S*|pvc://[^/\s]+(/\S*)?)$")
 _LOCAL_SOURCE = re.compile(r"^(/|\./|\.\./|file://|tiny://)\S*$")

@@ -51,7 +51,7 @@ from moe_operator.api import (
 )
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
-from moe_operator.render import Owner, RenderError, endpoints, render
+from moe_operator.render import Owner, RenderError, check_renderable, endpoints, render
 
 Obj = dict[str, Any]
 OwnerKey = tuple[str, str]  # (namespace, name)
@@ -388,6 +388,10 @@ def parse(body: Obj) -> tuple[MoEDeploymentSpec | None, Plan | None, status_mod.
     except ValidationError as err:
         return None, None, status_mod.Problem("InvalidSpec", "; ".join(describe(err, "spec")))
     try:
+        check_renderable(spec)  # cluster-only constraints first: they are the real reason
+    except RenderError as err:
+        return spec, None, status_mod.Problem("RenderFailed", str(err))
+    try:
         chosen = plan(spec)
     except PlanningError as err:
         return spec, None, status_mod.Problem("PlanFailed", str(err))
@@ -582,6 +586,7 @@ def validate_body(body: Mapping[str, Any]) -> list[str]:
     except ValidationError as err:
         return problems + describe(err, prefix="spec")
     try:
+        check_renderable(spec)
         chosen = plan(spec)
         render(Owner(name or "x", "default", "uid"), spec, chosen)
     except (PlanningError, RenderError) as err:

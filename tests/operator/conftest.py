@@ -6,11 +6,9 @@ import logging
 import pathlib
 from collections.abc import AsyncIterator, Iterator
 
-import kmock
 import kube_emulator as em
 import pytest
-import yaml
-from operator_harness import KINDS, KubeRay, Operator, Reconciles
+from operator_harness import KubeRay, Operator, Reconciles, emulated_cluster
 
 import moe_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
 
@@ -19,32 +17,8 @@ import moe_operator.handlers  # noqa: F401  (registers the handlers in kopf's de
 async def api(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[em.ApiServer]:
-    server = em.ApiServer()
-    for kind in KINDS:
-        server.register(kind)
-    async with server, kmock.Server(server, host="127.0.0.1", port=0) as srv:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "emu", "cluster": {"server": str(srv.url).rstrip("/")}}],
-                    "users": [{"name": "op", "user": {"token": "test-token"}}],
-                    "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "op"}}],
-                    "current-context": "emu",
-                }
-            )
-        )
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_ENABLED", "true")
-        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_LOCAL", "true")
-        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_PORT", "0")
-        # Short delays keep the tests fast; the logic is the same as with the defaults.
-        monkeypatch.setenv("MOE_OPERATOR_RETRY_DELAY", "0.2")
-        monkeypatch.setenv("MOE_OPERATOR_WAIT_DELAY", "0.5")
+    async with emulated_cluster(tmp_path, monkeypatch) as server:
         yield server
-        await server.drop_watches()  # let the server close without waiting on open streams
 
 
 @pytest.fixture

@@ -85,8 +85,13 @@ class Call:
     name: str | None
     user_agent: str
     content_type: str
+    token: str = ""  # the bearer token: which client (process) sent it
     status: int = 0
+    #: A server-side apply that created the object: RBAC checks `create` too (as the API
+    #: server's patch handler does for create-on-apply).
+    created: bool = False
     params: dict[str, str] = field(default_factory=dict)
+    body: str = ""  # the request body as sent (what a client disclosed to the API)
 
     @property
     def is_write(self) -> bool:
@@ -106,6 +111,9 @@ class Fault:
     times: int = 1
     retry_after: int | None = None
     hits: int = 0
+    #: Instead of an error: accept the request (200, headers sent) and then send nothing and
+    #: never close it, as a stuck watch behind a broken proxy (the client must time out).
+    hang: bool = False
 
 
 class ApiError(Exception):
@@ -298,6 +306,8 @@ class ApiServer(kmock.KubernetesEmulator):
             if fault.hits < fault.times and fault.match(call):
                 fault.hits += 1
                 call.status = fault.status
+                if fault.hang:
+                    return await self._hang(raw)
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
                 return self._status_response(
                     ApiError(fault.status, "Injected", f"injected fault {fault.status}"), headers
@@ -352,7 +362,9 @@ class ApiServer(kmock.KubernetesEmulator):
             name=request.name,
             user_agent=raw.headers.get("User-Agent", ""),
             content_type=raw.headers.get("Content-Type", ""),
+            token=raw.headers.get("Authorization", "").removeprefix("Bearer "),
             params=params,
+            body=request.text,
         )
         self.calls.append(call)
         return call
@@ -385,6 +397,9 @@ class ApiServer(kmock.KubernetesEmulator):
         if call.verb == "create":
             return await self.create(kind, _body(request), namespace=ns, admit=True)
         if call.verb == "patch":
+            call.created = call.content_type.startswith("application/apply-patch") and (
+                self.find(kind, ns, request.name or "") is None
+            )
             return await self.modify(
                 kind,
                 ns,
@@ -651,6 +666,17 @@ class ApiServer(kmock.KubernetesEmulator):
         self.watch_generation += 1
         self._pulse()
 
+    async def _hang(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Answer 200 and then nothing, until the client gives up (or `drop_watches()`)."""
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw)
+        generation = self.watch_generation
+        while self.watch_generation == generation:
+            if raw.transport is None or raw.transport.is_closing():
+                break
+            await asyncio.sleep(0.1)
+        return response
+
     async def _serve_watch_stream(
         self, request: rendering.Request, kind: Kind
     ) -> aiohttp.web.StreamResponse:
@@ -765,13 +791,23 @@ class ApiServer(kmock.KubernetesEmulator):
                         "options": {},
                     },
                 }
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.post(url, json=review) as rsp,
-                ):
-                    if rsp.status != 200:
-                        raise ApiError(500, "InternalError", f"webhook {url}: HTTP {rsp.status}")
-                    answer = await rsp.json()
+                try:
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.post(url, json=review) as rsp,
+                    ):
+                        if rsp.status != 200:
+                            raise ApiError(
+                                500, "InternalError", f"webhook {url}: HTTP {rsp.status}"
+                            )
+                        answer = await rsp.json()
+                except aiohttp.ClientError as err:
+                    # failurePolicy Fail, as kopf registers it: no verdict, no write.
+                    raise ApiError(
+                        500,
+                        "InternalError",
+                        f'failed calling webhook "{hook.get("name")}": {err}',
+                    ) from err
                 verdict = answer.get("response") or {}
                 if not verdict.get("allowed", False):
                     status = verdict.get("status") or {}

@@ -9,15 +9,19 @@ below writes the RayService status the way KubeRay's controller would (the only 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import pathlib
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import kmock
 import kopf
 import kube_emulator as em
+import pytest
 import yaml
 
 from moe_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -109,6 +113,7 @@ class Operator:
         self.runs = 0
         self.memo: kopf.Memo | None = None
         self.error: BaseException | None = None
+        self.crashing = False
 
     @property
     def busy(self) -> bool:
@@ -132,6 +137,7 @@ class Operator:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self.loop = loop
 
             async def main() -> None:
@@ -149,10 +155,24 @@ class Operator:
                 loop.run_until_complete(main())
             except asyncio.CancelledError:
                 pass
+            except RuntimeError:
+                if not self.crashing:  # "Event loop stopped before Future completed"
+                    raise
             except BaseException as err:  # surfaced by stop()
                 self.error = err
             finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
+                # Whatever kopf left behind stops here too (as when a process exits).
+                # Some swallow one cancellation (kopf's retries): cancel again, a bounded number
+                # of rounds; a dead process would not wait for them at all.
+                for _ in range(20):
+                    leftovers = asyncio.all_tasks(loop)
+                    if not leftovers:
+                        break
+                    for task in leftovers:
+                        task.cancel()
+                    loop.run_until_complete(asyncio.wait(leftovers, timeout=0.25))
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), timeout=1))
                 loop.close()
 
         self.thread = threading.Thread(target=run, name=f"operator-{self.runs}", daemon=True)
@@ -185,11 +205,13 @@ class Operator:
         if self.thread is None:
             return
         self.api.frozen = True
-        assert self.loop is not None and self.task is not None
-        self.loop.call_soon_threadsafe(self.task.cancel)
+        assert self.loop is not None
+        self.crashing = True
+        self.loop.call_soon_threadsafe(self.loop.stop)  # no graceful anything
         try:
             await self._join()
         finally:
+            self.crashing = False
             self.api.frozen = False
 
 
@@ -254,3 +276,59 @@ class KubeRay:
         await self.api.modify(
             em.RAYSERVICES, namespace, name, {"status": status}, subresource="status"
         )
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def retrying(action: Callable[[], Awaitable[Any]], *, timeout: float = 30.0) -> Any:
+    """Retry a client write that fails while the webhook's operator restarts (as kubectl would)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await action()
+        except em.ApiError as err:
+            if err.status < 500 or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[em.ApiServer]:
+    """The emulator on a loopback port, a kubeconfig pointing at it, the operator's env."""
+    server = em.ApiServer()
+    for kind in KINDS:
+        server.register(kind)
+    async with server, kmock.Server(server, host="127.0.0.1", port=0) as srv:
+        kubeconfig = tmp_path / f"kubeconfig-{srv.port}"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "emu", "cluster": {"server": str(srv.url).rstrip("/")}}],
+                    "users": [{"name": "op", "user": {"token": "test-token"}}],
+                    "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "op"}}],
+                    "current-context": "emu",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_ENABLED", "true")
+        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_LOCAL", "true")
+        # One webhook port per cluster: a restarted operator serves where it was registered.
+        monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_PORT", str(free_port()))
+        # Short delays keep the tests fast; the logic is the same as with the defaults.
+        monkeypatch.setenv("MOE_OPERATOR_RETRY_DELAY", "0.2")
+        monkeypatch.setenv("MOE_OPERATOR_WAIT_DELAY", "0.5")
+        try:
+            yield server
+        finally:
+            await server.drop_watches()  # let the server close without waiting on open streams

@@ -151,3 +151,100 @@ async def test_spec_change_updates_rayservice_and_reports_updating(
     await kuberay.serve("mixtral")
     await eventually(lambda: is_(api, "Progressing", "False"), message="rolled out")
     assert cond(api, "Progressing")["reason"] == "UpToDate"
+
+
+async def test_deleted_child_is_recreated(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay
+) -> None:
+    await deploy_ready(api, operator, kuberay)
+    old_uid = api.read(em.SERVICES, NS, "mixtral-http")["metadata"]["uid"]
+    mark = len(api.calls)
+    await api.destroy(em.SERVICES, NS, "mixtral-http")
+    recreated = await eventually(
+        lambda: api.find(em.SERVICES, NS, "mixtral-http"), message="Service recreated"
+    )
+    assert recreated["metadata"]["uid"] != old_uid
+    await eventually(lambda: not operator.busy, message="idle operator")
+    child_writes = [
+        (c.resource, c.name)
+        for c in api.operator_writes(mark)
+        if c.resource in ("rayservices", "services", "poddisruptionbudgets")
+    ]
+    assert child_writes == [("services", "mixtral-http")]
+
+
+async def test_hand_edited_child_is_put_back(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay
+) -> None:
+    await deploy_ready(api, operator, kuberay)
+    original = api.read(em.SERVICES, NS, "mixtral-grpc")["spec"]["ports"]
+    # Someone edits the Service by hand (kubectl edit: a merge patch by another client).
+    await api.modify(em.SERVICES, NS, "mixtral-grpc", {"spec": {"ports": [{"port": 1234}]}})
+    await eventually(
+        lambda: api.read(em.SERVICES, NS, "mixtral-grpc")["spec"]["ports"] == original,
+        message="ports restored",
+    )
+    # An edit of a field the operator does not manage is left alone.
+    await api.modify(
+        em.PDBS, NS, "mixtral-workers", {"metadata": {"annotations": {"team": "infra"}}}
+    )
+    mark = len(api.calls)
+    await eventually(lambda: not operator.busy, message="idle operator")
+    assert api.read(em.PDBS, NS, "mixtral-workers")["metadata"]["annotations"]["team"] == "infra"
+    assert [c for c in api.operator_writes(mark) if c.resource == "poddisruptionbudgets"] == []
+
+
+async def test_delete_removes_children_by_garbage_collection(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay
+) -> None:
+    await deploy_ready(api, operator, kuberay)
+    owner = api.read(MOED, NS, "mixtral")
+    # No finalizer: deletion never waits for the operator.
+    assert not owner["metadata"].get("finalizers")
+    await operator.stop()
+    await api.destroy(MOED, NS, "mixtral")  # while the operator is down
+    assert api.find(MOED, NS, "mixtral") is None
+    assert children(api) == []  # ownerReferences: the API server's GC removed them
+    mark = len(api.calls)
+    await operator.start()
+    await eventually(lambda: not operator.busy, message="idle operator")
+    assert children(api) == []
+    assert api.operator_writes(mark) == [] or all(
+        c.resource == "validatingwebhookconfigurations" for c in api.operator_writes(mark)
+    )
+
+
+async def test_network_policy_toggle_creates_then_prunes(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay
+) -> None:
+    await deploy_ready(api, operator, kuberay)
+    await api.modify(MOED, NS, "mixtral", {"spec": {"networkPolicy": {"enabled": True}}})
+    await eventually(lambda: api.find(em.NETPOLS, NS, "mixtral"), message="NetworkPolicy")
+    await api.modify(MOED, NS, "mixtral", {"spec": {"networkPolicy": {"enabled": False}}})
+    await eventually(lambda: api.find(em.NETPOLS, NS, "mixtral") is None, message="pruned")
+    assert children(api) == EXPECTED
+
+
+async def test_scale_subresource_changes_replicas(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay
+) -> None:
+    await deploy_ready(api, operator, kuberay)
+    # kubectl scale moed/mixtral --replicas=3 (the scale subresource's spec.replicas path).
+    await api.modify(MOED, NS, "mixtral", {"spec": {"replicas": 3}}, subresource="scale")
+
+    def group() -> dict[str, Any]:
+        rs = api.read(em.RAYSERVICES, NS, "mixtral")
+        worker: dict[str, Any] = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        return worker
+
+    await eventually(lambda: group()["replicas"] == 3, message="3 replicas")
+    await kuberay.serve("mixtral")
+    await eventually(
+        lambda: api.read(MOED, NS, "mixtral")["status"].get("readyReplicas") == 3,
+        message="readyReplicas 3",
+    )
+    status = api.read(MOED, NS, "mixtral")["status"]
+    assert status["desiredReplicas"] == 3
+    scale = api._scale_view(MOED, api.read(MOED, NS, "mixtral"))
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == status["selector"]

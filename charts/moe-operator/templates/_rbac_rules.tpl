@@ -23,13 +23,13 @@ clusterScoped:
   # Cluster-wide kopf peering (--all-namespaces uses ClusterKopfPeering).
   - apiGroups: ["kopf.dev"]
     resources: ["clusterkopfpeerings"]
-    verbs: ["get", "list", "watch", "patch"]
+    verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- if .Values.webhook.enabled }}
   # kopf manages the ValidatingWebhookConfiguration of its admission webhook.
   - apiGroups: ["admissionregistration.k8s.io"]
     resources: ["validatingwebhookconfigurations"]
-    verbs: ["get", "list", "watch", "create", "patch"]
+    verbs: ["create", "patch"]
 {{- end }}
 namespaced:
   # The custom resource: handlers, finalizers and kopf's progress annotations.
@@ -38,10 +38,7 @@ namespaced:
     verbs: ["get", "list", "watch", "patch"]
   - apiGroups: ["serving.moeoperator.io"]
     resources: ["moedeployments/status"]
-    verbs: ["get", "patch"]
-  - apiGroups: ["serving.moeoperator.io"]
-    resources: ["moedeployments/scale"]
-    verbs: ["get"]
+    verbs: ["patch"]
   # Children the operator owns.
   - apiGroups: ["ray.io"]
     resources: ["rayservices"]
@@ -55,17 +52,14 @@ namespaced:
   - apiGroups: ["networking.k8s.io"]
     resources: ["networkpolicies"]
     verbs: ["get", "list", "watch", "create", "patch", "delete"]
-  # kopf posts Kubernetes events about handler progress.
+  # Kubernetes events about what the operator did (kopf posts core/v1 Events).
   - apiGroups: [""]
-    resources: ["events"]
-    verbs: ["create"]
-  - apiGroups: ["events.k8s.io"]
     resources: ["events"]
     verbs: ["create"]
 {{- if and .Values.peering.enabled (not (include "moe-operator.allNamespaces" .)) }}
   # Namespaced kopf peering (--namespace uses KopfPeering in each watched namespace).
   - apiGroups: ["kopf.dev"]
     resources: ["kopfpeerings"]
-    verbs: ["get", "list", "watch", "patch"]
+    verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
