@@ -170,6 +170,48 @@ def headline(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: A cell counts as behind when ours is this much worse than the peer (noise on a shared
+#: 2-core machine is of this order; see README.md for the why).
+BEHIND_MARGIN = 0.10
+OURS = ("ours-http", "ours-grpc")
+
+
+def behind(results: dict[str, Any]) -> list[str]:
+    """Every sweep cell where ours is >10% worse than bare vLLM or Ray Serve LLM, by how much."""
+    cells = _cells(results)
+    peers = [s for s in results.get("system_order", []) if s in ("vllm", "ray-serve-llm")]
+    out: list[str] = []
+    checks = (
+        ("output_tokens_per_s", "output tokens/s", True),
+        ("ttft_p50_s", "TTFT p50", False),
+        ("e2e_p99_s", "E2E p99", False),
+    )
+    for (system, stream, conc), row in sorted(cells.items()):
+        if system not in OURS:
+            continue
+        for peer in peers:
+            base = cells.get((peer, stream, conc))
+            if base is None:
+                continue
+            for key, label, higher_is_better in checks:
+                r = ratio(row["summary"].get(key), base["summary"].get(key))
+                if r is None:
+                    continue
+                worse = r < 1 - BEHIND_MARGIN if higher_is_better else r > 1 + BEHIND_MARGIN
+                if worse:
+                    how = (
+                        f"{(1 - r) * 100:.0f}% lower"
+                        if higher_is_better
+                        else (f"{(r - 1) * 100:.0f}% higher")
+                    )
+                    out.append(
+                        f"- {LABELS.get(system, system)} vs {LABELS.get(peer, peer)}, "
+                        f"{'streaming' if stream else 'non-streaming'}, concurrency {conc}: "
+                        f"{label} {how} ({r:.2f}x)"
+                    )
+    return out or ["Nowhere by more than 10% in this run."]
+
+
 def sweep_table(results: dict[str, Any], stream: bool) -> list[str]:
     cells = _cells(results)
     concs = sorted({c for (_, s, c) in cells if s == stream})
@@ -375,6 +417,11 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         f" transformers {v.get('transformers')}, kopf {v.get('kopf')}, grpcio {v.get('grpcio')},"
         f" Python {m['python']}; commit {m['commit']}",
     ]
+    for rerun in meta.get("reruns", []):
+        lines.append(
+            f"- re-run later: {', '.join(rerun['sections'])} on {rerun['date']} at commit "
+            f"{rerun['commit']} (`{rerun['command']}`); those sections show that run"
+        )
     if w:
         lines += [
             f"- model: {meta.get('model', '-')}",
@@ -392,6 +439,8 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         lines += sweep_table(results, stream) if serving else ["Not run."]
         lines.append("")
     lines += [f"Note: {note}" for note in results.get("notes", [])]
+    if serving:
+        lines += ["## Where ours is behind a peer", "", *behind(results), ""]
     for path in plot_files:
         lines += [f"![{path.stem}]({path.name})", ""]
     lines += [

@@ -305,14 +305,24 @@ def run_serving(
 # ------------------------------------------------------------------------------ autoscaling
 
 
+AUTOSCALE_MAX_NUM_SEQS = 4
+
+
 def run_autoscaling(
     settings: EngineSettings, plan: Plan, work: Path, results: dict[str, Any]
 ) -> None:
     import autoscale
 
-    # Two replicas must fit on 2 cores: one rank each, no expert parallelism.
+    # Two replicas must fit on 2 cores: one rank each, no expert parallelism. The queue the
+    # policy reads is requests *waiting* (router + vLLM scheduler), so the engine runs at most
+    # 4 at once: 16 clients then leave ~12 waiting, well over the target of 2.
     one_rank = EngineSettings(
-        **{**settings.__dict__, "tensor_parallel_size": 1, "expert_parallel": False}
+        **{
+            **settings.__dict__,
+            "tensor_parallel_size": 1,
+            "expert_parallel": False,
+            "max_num_seqs": AUTOSCALE_MAX_NUM_SEQS,
+        }
     )
     policy = {
         "enabled": True,
@@ -331,7 +341,8 @@ def run_autoscaling(
         autoscaling=policy,
     )
     setup = (
-        f"ours, 1 rank per replica (TP1, EP off), autoscaling {json.dumps(policy)}; "
+        f"ours, 1 rank per replica (TP1, EP off, max_num_seqs {AUTOSCALE_MAX_NUM_SEQS}), "
+        f"autoscaling {json.dumps(policy)}; "
         f"idle {plan.autoscale_idle_s:.0f}s at 1 client, then 16 clients"
     )
     results["autoscaling"] = {"setup": setup}
@@ -380,6 +391,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="where results go")
     parser.add_argument("--work-dir", type=Path, default=None, help="logs and scratch files")
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help=(
+            "re-run only the --only sections (autoscaling, operator) and replace them in the "
+            "results of an earlier run in this folder (e.g. bench); RESULTS.md then says which "
+            "sections were re-run, when and at which commit"
+        ),
+    )
     gpu = parser.add_argument_group("GPU variant (see bench/GPU.md); defaults: the CPU run")
     gpu.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     gpu.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: tiny)")
@@ -409,7 +430,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sections = [s for s in SECTIONS if s in wanted]
     else:
         args.sections = list(SECTIONS)
+    if args.merge_into is not None:
+        mixed = [s for s in args.sections if s not in MERGEABLE]
+        if not args.only or mixed:
+            parser.error(
+                f"--merge-into re-runs whole sections: use --only with {' or '.join(MERGEABLE)}"
+                " (serving and ep share tables, so re-run them with a full run)"
+            )
+        if not (args.merge_into / "results.json").exists():
+            parser.error(f"--merge-into {args.merge_into}: no results.json there to merge into")
     return args
+
+
+#: Sections whose results are self-contained (their own key in results.json).
+MERGEABLE = ("autoscaling", "operator")
+
+
+def merge(results: dict[str, Any], into: Path) -> dict[str, Any]:
+    """The earlier run in `into` with this run's sections replaced, the re-run recorded."""
+    earlier: dict[str, Any] = json.loads((into / "results.json").read_text())
+    for section in results["meta"]["sections"]:
+        earlier[section] = results.get(section)
+        earlier["sections"][section] = results["sections"].get(section)
+    machine = results["meta"]["machine"]
+    earlier["meta"].setdefault("reruns", []).append(
+        {
+            "sections": results["meta"]["sections"],
+            "command": results["meta"]["command"],
+            "date": machine["date"],
+            "commit": machine["commit"],
+            "duration_s": results["meta"].get("duration_s"),
+        }
+    )
+    return earlier
 
 
 def _interrupt(*_: object) -> None:
@@ -535,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
     finally:
         results["meta"]["duration_s"] = time.monotonic() - started
+        if args.merge_into is not None:
+            results, out_dir = merge(results, args.merge_into), args.merge_into
         path = report.write(results, out_dir)
         say(f"wrote {path} ({results['meta']['duration_s']:.0f} s)")
     failed = [s for s, info in results["sections"].items() if info["status"] != "ok"]
