@@ -36,7 +36,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from moe_operator import kube, settings
+from moe_operator import kube, settings, tracing
 from moe_operator import status as status_mod
 from moe_operator.api import (
     GROUP,
@@ -88,6 +88,13 @@ class Runtime:
     dirty: set[OwnerKey] = field(default_factory=set)
     workers: dict[OwnerKey, asyncio.Task[None]] = field(default_factory=dict)
     failures: dict[OwnerKey, int] = field(default_factory=dict)
+    traces: tracing.Tracing | None = None
+
+    def tracer(self) -> tracing.Tracer:
+        """This run's tracer (tracing.py; a no-op one without an OTLP endpoint)."""
+        if self.traces is None:
+            self.traces = tracing.setup(self.config)
+        return self.traces.tracer
 
     def api(self) -> kube.Client:
         if self.client is None:
@@ -96,6 +103,7 @@ class Runtime:
                 user_agent=settings.USER_AGENT,
                 request_timeout=self.config.request_timeout,
                 connect_timeout=self.config.connect_timeout,
+                tracer=self.tracer(),
             )
         return self.client
 
@@ -195,6 +203,8 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     if rt.client is not None:
         await rt.client.close()
         rt.client = None
+    if rt.traces is not None:
+        rt.traces.shutdown()
 
 
 # ---------------------------------------------------------------------------------- indexes
@@ -413,6 +423,21 @@ def _now() -> str:
 
 
 async def reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
+    """One pass, traced: a `moe_operator.reconcile` span with its outcome (tracing.py)."""
+    with tracing.reconcile_span(rt.tracer(), body["metadata"]) as span:
+        outcome = await _reconcile(rt, body, logger)
+        err = outcome.error
+        tracing.record_outcome(
+            span,
+            outcome.writes,
+            outcome.problem.reason if outcome.problem else None,
+            err.status if err else None,
+            err.reason if err else None,
+        )
+    return outcome
+
+
+async def _reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
     """One pass: apply what differs, delete what is no longer rendered, report status."""
     outcome = Outcome()
     meta = body["metadata"]

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from opentelemetry import trace
+
+from moe_operator import tracing
 
 Obj = dict[str, Any]
 
@@ -140,8 +143,10 @@ class Client:
         user_agent: str,
         request_timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._connection = connection
+        self._tracer = tracer  # one CLIENT span per call (tracing.py)
         self._user_agent = user_agent
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -180,25 +185,36 @@ class Client:
         params: dict[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        operation: str | None = None,
     ) -> Obj:
-        session, _ = await self._session_now()
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        try:
-            async with session.request(
-                method, path, params=params, data=data, headers=headers
-            ) as rsp:
-                text = await rsp.text()
-                if rsp.status >= 400:
-                    raise _error(rsp.status, text, rsp.headers.get("Retry-After"))
-                return json.loads(text) if text else {}
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as err:
-            raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
+        with tracing.api_span(self._tracer, method, path, operation or method.lower()) as span:
+            status = 503  # no answer at all
+            try:
+                session, _ = await self._session_now()
+                data = None if body is None else json.dumps(body)
+                headers = {"Content-Type": content_type, "Accept": "application/json"}
+                try:
+                    async with session.request(
+                        method, path, params=params, data=data, headers=headers
+                    ) as rsp:
+                        status = rsp.status
+                        text = await rsp.text()
+                        if rsp.status >= 400:
+                            raise _error(rsp.status, text, rsp.headers.get("Retry-After"))
+                        return json.loads(text) if text else {}
+                except (
+                    aiohttp.ClientConnectionError,
+                    aiohttp.ClientPayloadError,
+                    TimeoutError,
+                ) as err:
+                    raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
+            finally:
+                tracing.end_api_span(span, status)
 
     async def get(self, res: Resource, namespace: str | None, name: str) -> Obj | None:
         """The object, or None when it does not exist."""
         try:
-            return await self.request("GET", res.path(namespace, name))
+            return await self.request("GET", res.path(namespace, name), operation="get")
         except ApiError as err:
             if err.status == 404:
                 return None
@@ -214,6 +230,7 @@ class Client:
             params={"fieldManager": field_manager, "force": "true"},
             body=obj,  # JSON is YAML: the apply content type takes it as is
             content_type="application/apply-patch+yaml",
+            operation="apply",
         )
 
     async def patch_status(
@@ -225,6 +242,7 @@ class Client:
             res.path(namespace, name, "status"),
             body={"status": status},
             content_type="application/merge-patch+json",
+            operation="patch_status",
         )
 
     async def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
@@ -238,6 +256,7 @@ class Client:
                     "apiVersion": "v1",
                     "propagationPolicy": "Background",
                 },
+                operation="delete",
             )
         except ApiError as err:
             if err.status == 404:

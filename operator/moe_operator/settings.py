@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -64,6 +65,20 @@ class OperatorConfig(BaseModel):
         30.0, gt=0, description="Seconds between checks while waiting on something external."
     )
     post_events: bool = Field(True, description="Post Kubernetes Events about what was done.")
+    otlp_endpoint: str | None = Field(
+        None,
+        description=(
+            "OTLP collector for reconcile traces, e.g. http://otel-collector.observability:4317 "
+            "(unset: tracing off, nothing exported)."
+        ),
+    )
+    otlp_protocol: Literal["grpc", "http", "http/protobuf"] = Field(
+        "grpc",
+        description="OTLP transport: grpc (port 4317) or http / http-protobuf (port 4318).",
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Fraction of reconcile traces kept (trace-id ratio)."
+    )
 
     def webhook_service_ready(self) -> bool:
         """True when the webhook can be registered through a Service."""

@@ -34,9 +34,10 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import autoscaling, grpc_api, schemas, tracing
+from moe_serving import autoscaling, body_checks, grpc_api, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
 from moe_serving.metrics import replicas_text
@@ -207,6 +208,16 @@ def _grpc_metadata(grpc_context: Any, key: str) -> str | None:
     return None
 
 
+def _replica_lost(exc: BaseException) -> _ClientError:
+    """The engine replica died mid-request (Serve replaces it): a retryable 503 / UNAVAILABLE."""
+    return _ClientError(
+        503,
+        f"the engine replica serving this request went away ({type(exc).__name__}); retry",
+        retry_after_s=1,
+        reason="replica_lost",
+    )
+
+
 def _retry_headers(retry_after_s: int | None) -> dict[str, str]:
     return {"Retry-After": str(retry_after_s)} if retry_after_s else {}
 
@@ -251,7 +262,7 @@ class Ingress:
             raise _ClientError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
 
     def _check_model(self, body: dict[str, Any]) -> None:
-        problem = schemas.schema_problem(body)
+        problem = body_checks.text_problem(body) or schemas.schema_problem(body)
         if problem:
             raise _ClientError(400, problem, reason="invalid_schema")
         model = body.get("model")
@@ -323,7 +334,8 @@ class Ingress:
             self._check_key(request.headers.get("authorization"))
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # RecursionError: nesting deeper than Python's parser goes (a client's body).
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise _ClientError(400, f"request body is not valid JSON: {exc}") from exc
             if not isinstance(body, dict):
                 raise _ClientError(400, "request body must be a JSON object")
@@ -335,6 +347,8 @@ class Ingress:
                         payload = await events.__anext__()
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+            except RayActorError as exc:
+                raise _replica_lost(exc) from exc
         except _ClientError as exc:
             self.metrics.observe("http", endpoint, str(exc.status), started, span)
             return _error_response(exc)
@@ -360,6 +374,10 @@ class Ingress:
             code = "504"
             message = f"request timed out after {self.timeout_s}s"
             yield f"data: {json.dumps(error_body(message, 504, 'TimeoutError'))}\n\n"
+        except RayActorError as exc:
+            code = "503"
+            lost = _replica_lost(exc)
+            yield f"data: {json.dumps(error_body(str(lost), 503, 'ServiceUnavailableError'))}\n\n"
         finally:
             # Client gone or deadline: stop the engine request (no-op when it already finished).
             gen.cancel()
@@ -417,11 +435,13 @@ class Ingress:
                         for payload in grpc_api.parse_sse(chunk):
                             failure = grpc_api.error_message(payload)
                             if failure is not None:
-                                raise _ClientError(500, failure)
+                                raise _ClientError(grpc_api.error_status(payload), failure)
                             for item in grpc_api.stream_chunks(payload):
                                 yield item
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+            except RayActorError as exc:
+                raise _replica_lost(exc) from exc
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
             _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
@@ -474,6 +494,8 @@ class Ingress:
                     payload = await events.__anext__()
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
+            except RayActorError as exc:
+                raise _replica_lost(exc) from exc
             finally:
                 if gen is not None:
                     gen.cancel()

@@ -348,9 +348,12 @@ def _is_empty_prompt(prompt: Any) -> bool:
     if isinstance(prompt, str):
         return prompt == ""
     if isinstance(prompt, list):
-        return len(prompt) == 0 or all(
-            _is_empty_prompt(p) for p in prompt if not isinstance(p, int)
-        )
+        # A list of token ids is one non-empty prompt; a batch is empty if any member is.
+        if not prompt:
+            return True
+        if all(isinstance(p, int) for p in prompt):
+            return False
+        return any(_is_empty_prompt(p) for p in prompt)
     return False
 
 
