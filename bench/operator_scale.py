@@ -102,6 +102,8 @@ class OperatorProcess:
             MOE_OPERATOR_WEBHOOK_ENABLED="true",
             MOE_OPERATOR_WEBHOOK_LOCAL="true",
             MOE_OPERATOR_WEBHOOK_PORT="0",
+            # No serving pods exist behind the emulated RayServices: nothing to read live.
+            MOE_OPERATOR_LIVE_STATE_INTERVAL="0",
             PYTHONUNBUFFERED="1",
             NO_PROXY="127.0.0.1,localhost",
         )

@@ -594,13 +594,32 @@ class MoEDeploymentStatus(ApiModel):
     )
     replicas: int | None = Field(None, description="Serving replicas that exist.")
     ready_replicas: int | None = Field(None, description="Serving replicas ready.")
-    desired_replicas: int | None = Field(None, description="Replicas the autoscaler wants.")
+    desired_replicas: int | None = Field(
+        None,
+        description="Replicas the Serve autoscaler targets (live), else the planned initial count.",
+    )
     selector: str | None = Field(None, description="Label selector of the worker pods (scale).")
     plan: PlanStatus | None = Field(None, description="The chosen parallel layout.")
     endpoints: Endpoints | None = Field(None, description="Service addresses.")
-    queue_depth: float | None = Field(None, description="Observed waiting requests per replica.")
+    queue_depth: float | None = Field(
+        None,
+        description=(
+            "Requests waiting per serving replica (admission queue + vLLM's waiting), read from "
+            "the Serve application on the operator's live-state interval."
+        ),
+    )
+    serving_replicas: int | None = Field(
+        None, description="Engine replicas running in the Serve application (live)."
+    )
+    output_tokens_per_second: float | None = Field(
+        None, description="Output tokens per second over the last live-state interval."
+    )
     cost_per_million_tokens: float | None = Field(
-        None, description="Live USD per million output tokens (estimate)."
+        None,
+        description=(
+            "Live USD per million output tokens: hourly price of the serving replicas divided "
+            "by the observed output rate (absent while idle)."
+        ),
     )
     ray_service: str | None = Field(None, description="Name of the owned RayService.")
 

@@ -19,6 +19,8 @@ How it reconciles:
 * No finalizer and no timer: children go by Kubernetes garbage collection (ownerReferences with
   controller=true), which also works while the operator is down. kopf timers and daemons would
   add a finalizer to every MoEDeployment, so the periodic resync is the watches' own re-listing.
+* Live serving state (queue depth, Serve replicas, token rate, cost) comes from one background
+  reader started at startup (live_poller.py); a changed value queues the owner's reconcile.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from moe_operator import kube, settings, tracing
+from moe_operator import kube, live_poller, settings, tracing
 from moe_operator import status as status_mod
 from moe_operator.api import (
     GROUP,
@@ -89,6 +91,8 @@ class Runtime:
     workers: dict[OwnerKey, asyncio.Task[None]] = field(default_factory=dict)
     failures: dict[OwnerKey, int] = field(default_factory=dict)
     traces: tracing.Tracing | None = None
+    poller: live_poller.LivePoller | None = None
+    poller_task: asyncio.Task[None] | None = None
 
     def tracer(self) -> tracing.Tracer:
         """This run's tracer (tracing.py; a no-op one without an OTLP endpoint)."""
@@ -193,9 +197,55 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
         _register_validation()
 
 
+@kopf.on.startup()
+async def start_live_state(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Start reading the live serving state of ready deployments (live_poller.py)."""
+    rt = runtime(memo)
+    if rt.config.live_state_interval <= 0 or rt.poller_task is not None:
+        return
+    rt.poller = live_poller.LivePoller(
+        config=rt.config,
+        api=rt.api,
+        peering=live_poller.peering_of(settings.peering),
+        targets=lambda: _live_targets(rt),
+        changed=lambda key: kick(rt, key),
+    )
+    rt.poller_task = asyncio.get_running_loop().create_task(rt.poller.run(), name="moe-live-state")
+
+
+def _live_targets(rt: Runtime) -> list[live_poller.Target]:
+    """Deployments whose RayService is ready and whose spec plans (from the caches)."""
+    owners = rt.indexes.get(OWNER_INDEX)
+    targets = []
+    for key in list(owners or ()):
+        found = _lookup(owners, key)
+        if not found:
+            continue
+        owner = found[0]
+        ray_services = _lookup(rt.indexes.get(CHILD_INDEXES[("ray.io/v1", "RayService")]), key)
+        if not any(live_poller.is_ready(rs) for rs in ray_services):
+            continue
+        spec, chosen, problem = parse(owner)
+        if problem is not None or spec is None or chosen is None:
+            continue
+        http = endpoints(owner_of(owner), spec)["http"]
+        targets.append(
+            live_poller.Target(
+                key=key,
+                url=live_poller.url_for(rt.config, key[1], key[0], http),
+                hourly_cost_per_replica=chosen.hourly_cost_per_replica,
+            )
+        )
+    return targets
+
+
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
+    if rt.poller_task is not None:
+        rt.poller_task.cancel()
+        await asyncio.gather(rt.poller_task, return_exceptions=True)
+        rt.poller_task = None
     for task in list(rt.workers.values()):
         task.cancel()
     await asyncio.gather(*rt.workers.values(), return_exceptions=True)
@@ -531,6 +581,7 @@ async def _report(
 ) -> None:
     """Patch the status subresource when the computed status differs from the live one."""
     meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
 
     def compute(previous: Obj | None) -> Obj:
         owner = owner_of(body)
@@ -550,7 +601,7 @@ async def _report(
             endpoints=endpoints(owner, spec) if spec is not None and problem is None else None,
             ray_service=ray_service,
             ray_service_name=owner.name,
-            queue_depth=_queue_depth(ray_service),
+            live=rt.poller.status.get(key) if rt.poller is not None else None,
             upgrade_strategy=spec.upgrade_strategy if spec is not None else "NewCluster",
         )
         return status_mod.compute(inputs, previous)
@@ -570,17 +621,6 @@ async def _report(
         return
     await api.patch_status(OWNER, meta["namespace"], meta["name"], patch)
     outcome.writes.append("patch status")
-
-
-def _queue_depth(ray_service: Obj | None) -> float | None:
-    """Observed queue depth, when the serving side publishes it on the RayService."""
-    if not ray_service:
-        return None
-    raw = (ray_service.get("metadata", {}).get("annotations") or {}).get(f"{GROUP}/queue-depth")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def _event(rt: Runtime, owner: Obj, kind: str, reason: str, message: str) -> None:

@@ -180,6 +180,7 @@ def app_config(
         request_timeout_s=spec.serving.request_timeout_seconds,
         tracing=tracing_args,
         api_key_env="MOE_API_KEY" if spec.serving.api_key_secret_ref else None,
+        hourly_cost_per_replica_usd=plan.hourly_cost_per_replica,
     )
 
 

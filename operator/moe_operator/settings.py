@@ -65,6 +65,25 @@ class OperatorConfig(BaseModel):
         30.0, gt=0, description="Seconds between checks while waiting on something external."
     )
     post_events: bool = Field(True, description="Post Kubernetes Events about what was done.")
+    live_state_interval: float = Field(
+        15.0,
+        ge=0,
+        description=(
+            "Seconds between reads of each ready MoEDeployment's live serving state (queue depth, "
+            "replicas, token rate, cost) for its status; 0 turns the reads off."
+        ),
+    )
+    live_state_timeout: float = Field(
+        5.0, gt=0, description="Timeout of one live-state read from a Serve application."
+    )
+    live_state_url: str | None = Field(
+        None,
+        description=(
+            "URL template of the live-state endpoint with {name} and {namespace} (unset: the "
+            "rendered HTTP Service, http://<name>-http.<namespace>.svc:<port>/v1/moe/state). "
+            "For an operator outside the cluster, e.g. through a port-forward."
+        ),
+    )
     otlp_endpoint: str | None = Field(
         None,
         description=(

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moe_operator.live import LiveStatus
+
 Obj = dict[str, Any]
 
 #: Status keys this module owns; others (written by other actors) are left alone.
@@ -31,6 +33,9 @@ OWNED_KEYS = (
     "plan",
     "endpoints",
     "queueDepth",
+    "servingReplicas",
+    "outputTokensPerSecond",
+    "costPerMillionTokens",
     "rayService",
 )
 
@@ -60,7 +65,7 @@ class Inputs:
     endpoints: Obj | None = None
     ray_service: Obj | None = None  # the live RayService, None when absent
     ray_service_name: str | None = None
-    queue_depth: float | None = None
+    live: LiveStatus | None = None  # from the Serve app's live state; None when not read
     upgrade_strategy: str = "NewCluster"
 
 
@@ -183,16 +188,25 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
         status["replicas"] = rs.available_workers // nodes
         status["readyReplicas"] = rs.ready_workers // nodes
         status["rayService"] = inputs.ray_service_name or inputs.name
-    if inputs.desired_replicas is not None:
-        status["desiredReplicas"] = inputs.desired_replicas
+    live = inputs.live if inputs.problem is None else None
+    desired = inputs.desired_replicas
+    if live is not None and live.desired_replicas is not None:
+        desired = live.desired_replicas  # the autoscaler's current target
+    if desired is not None:
+        status["desiredReplicas"] = desired
     if inputs.selector is not None:
         status["selector"] = inputs.selector
     if inputs.plan is not None:
         status["plan"] = inputs.plan
     if inputs.endpoints is not None:
         status["endpoints"] = inputs.endpoints
-    if inputs.queue_depth is not None:
-        status["queueDepth"] = inputs.queue_depth
+    if live is not None:
+        status["queueDepth"] = live.queue_depth
+        status["servingReplicas"] = live.serving_replicas
+        if live.output_tokens_per_second is not None:
+            status["outputTokensPerSecond"] = live.output_tokens_per_second
+        if live.cost_per_million_tokens is not None:
+            status["costPerMillionTokens"] = live.cost_per_million_tokens
     return status
 
 

@@ -37,10 +37,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import autoscaling, body_checks, grpc_api, schemas, tracing
+from moe_serving import autoscaling, body_checks, grpc_api, live_state, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
-from moe_serving.metrics import replicas_text
+from moe_serving.metrics import app_metrics_text, replicas_text
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.vllm_args import world_size
 
@@ -78,6 +78,25 @@ class LLMEngine:
         self.config = AppConfig.model_validate(config)
         self.server = EngineServer(self.config)
         await self.server.start()
+        self._live_task = asyncio.get_running_loop().create_task(self._report_live_state())
+
+    async def _report_live_state(self) -> None:
+        """Push this replica's load to the application's board every few seconds (the
+        operator reads the sum through the ingress's GET /v1/moe/state)."""
+        ctx = serve.get_replica_context()
+        replica = str(ctx.replica_id.unique_id)
+        board = None
+        while True:
+            try:
+                if board is None:
+                    board = live_state.board(ctx.app_name)
+                await board.put.remote(self.server.live_report(replica))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the board actor died: make a new one next time
+                logger.debug("live-state report failed: %s", exc)
+                board = None
+            await asyncio.sleep(live_state.REPORT_INTERVAL_S)
 
     async def openai(
         self, kind: Kind, body: dict[str, Any], trace_headers: dict[str, str] | None = None
@@ -114,6 +133,9 @@ class LLMEngine:
 
     def __del__(self) -> None:
         # Ray Serve calls this after draining in-flight requests (graceful_shutdown_* options).
+        task = getattr(self, "_live_task", None)
+        if task is not None:
+            task.cancel()
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()
@@ -240,6 +262,7 @@ class Ingress:
         self.model_name = self.config.engine.served_model_name
         self.timeout_s = self.config.request_timeout_s
         self.metrics = _Metrics()
+        self.token_rate = live_state.RateWindow()  # between /metrics scrapes (live cost)
         self.tracing = tracing.process_tracing(
             self.config.tracing, f"{self.config.deployment_name}-ingress", {}
         )
@@ -297,26 +320,83 @@ class Ingress:
 
     # ---- HTTP ------------------------------------------------------------------------------
 
+    async def _traced_get(self, request: Request, endpoint: str, answer: Any) -> Response:
+        """A GET endpoint with its ingress span and request metrics, like generation has."""
+        started = time.monotonic()
+        span = self.tracing.request_span(
+            "http", endpoint, request.headers, self.model_name, method="GET"
+        )
+        response: Response | None = None
+        try:
+            response = await answer()
+            return response
+        finally:
+            code = str(response.status_code) if response is not None else "500"
+            self.metrics.observe("http", endpoint, code, started, span)
+
     @fastapi_app.get("/health")
-    async def http_health(self) -> Response:
-        status = await self.engine.health.remote()
-        return JSONResponse(status, status_code=200 if status["healthy"] else 503)
+    async def http_health(self, request: Request) -> Response:
+        async def answer() -> Response:
+            status = await self.engine.health.remote()
+            return JSONResponse(status, status_code=200 if status["healthy"] else 503)
+
+        return await self._traced_get(request, "/health", answer)
 
     @fastapi_app.get("/metrics")
-    async def http_metrics(self) -> Response:
-        engine_text = await self.engine.metrics_text.remote()
-        replicas = await asyncio.to_thread(replicas_text, ENGINE_DEPLOYMENT)
-        return PlainTextResponse(
-            self.metrics.text() + replicas + engine_text, media_type="text/plain; version=0.0.4"
+    async def http_metrics(self, request: Request) -> Response:
+        async def answer() -> Response:
+            engine_text = await self.engine.metrics_text.remote()
+            replicas = await asyncio.to_thread(replicas_text, ENGINE_DEPLOYMENT)
+            return PlainTextResponse(
+                self.metrics.text() + replicas + await self._app_metrics() + engine_text,
+                media_type="text/plain; version=0.0.4",
+            )
+
+        return await self._traced_get(request, "/metrics", answer)
+
+    async def _app_metrics(self) -> str:
+        """The application-wide series (all engine replicas' reports; live cost)."""
+        ctx = serve.get_replica_context()
+        try:
+            reports = await live_state.board(ctx.app_name).get.remote()
+        except Exception:  # board not up yet (no engine replica has reported): no series
+            return ""
+        running, _ = await asyncio.to_thread(
+            live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT
         )
+        now = time.time()
+        load = live_state.aggregate(reports, now)
+        rate = self.token_rate.update(load, now)
+        return app_metrics_text(load, running, self.config.hourly_cost_per_replica_usd, rate)
+
+    @fastapi_app.get("/v1/moe/state")
+    async def http_live_state(self, request: Request) -> Response:
+        """Live load, replicas and token counters of this application (the operator's status
+        source). Open like /health and /metrics: counts only, no request content."""
+
+        async def answer() -> Response:
+            ctx = serve.get_replica_context()
+            reports = await live_state.board(ctx.app_name).get.remote()
+            running, target = await asyncio.to_thread(
+                live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT
+            )
+            body = live_state.state_body(
+                ctx.app_name, ENGINE_DEPLOYMENT, reports, running, target, time.time()
+            )
+            return JSONResponse(body)
+
+        return await self._traced_get(request, "/v1/moe/state", answer)
 
     @fastapi_app.get("/v1/models")
     async def http_models(self, request: Request) -> Response:
-        try:
-            self._check_key(request.headers.get("authorization"))
-        except _ClientError as exc:
-            return _error_response(exc)
-        return JSONResponse(await self.engine.models.remote())
+        async def answer() -> Response:
+            try:
+                self._check_key(request.headers.get("authorization"))
+            except _ClientError as exc:
+                return _error_response(exc)
+            return JSONResponse(await self.engine.models.remote())
+
+        return await self._traced_get(request, "/v1/models", answer)
 
     @fastapi_app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
@@ -450,22 +530,45 @@ class Ingress:
                 gen.cancel()
             self.metrics.observe("grpc", "Generate", code, started, span)
 
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> Any:
+    async def _traced_rpc(self, grpc_context: Any, method: str, answer: Any) -> Any:
+        """A non-generation RPC with its ingress span and request metrics."""
+        started = time.monotonic()
+        span = self.tracing.request_span(
+            "grpc", method, tracing.grpc_carrier(grpc_context), self.model_name
+        )
+        code = "INTERNAL"
         try:
-            self._check_key(_grpc_metadata(grpc_context, "authorization"))
-        except _ClientError as exc:
-            _abort_grpc(grpc_context, _grpc_code(exc.status, ""), str(exc))
-        return grpc_api.models_response(await self.engine.models.remote())
+            result = await answer()
+            code = "OK"
+            return result
+        except GrpcAbort as exc:
+            code = str(exc).split(":", 1)[0]
+            raise
+        finally:
+            self.metrics.observe("grpc", method, code, started, span)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context: Any = None) -> Any:
+        async def answer() -> Any:
+            try:
+                self._check_key(_grpc_metadata(grpc_context, "authorization"))
+            except _ClientError as exc:
+                _abort_grpc(grpc_context, _grpc_code(exc.status, ""), str(exc))
+            return grpc_api.models_response(await self.engine.models.remote())
+
+        return await self._traced_rpc(grpc_context, "ListModels", answer)
 
     async def Health(self, request: pb.HealthRequest, grpc_context: Any = None) -> Any:
-        status = await self.engine.health.remote()
-        return pb.HealthResponse(
-            status=pb.HealthResponse.SERVING
-            if status["healthy"]
-            else pb.HealthResponse.NOT_SERVING,
-            message=status["message"],
-            queue_depth=status["total"],
-        )
+        async def answer() -> Any:
+            status = await self.engine.health.remote()
+            return pb.HealthResponse(
+                status=pb.HealthResponse.SERVING
+                if status["healthy"]
+                else pb.HealthResponse.NOT_SERVING,
+                message=status["message"],
+                queue_depth=status["total"],
+            )
+
+        return await self._traced_rpc(grpc_context, "Health", answer)
 
     async def _grpc_unary(
         self,

@@ -129,6 +129,14 @@ class AppConfig(_Strict):
     api_key_env: str | None = Field(
         None, description="Env var holding the API key; when set, requests must present it."
     )
+    hourly_cost_per_replica_usd: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "USD per hour of one replica (the plan's price) for the live cost metric; "
+            "None: no cost series."
+        ),
+    )
 
 
 #: What a Serve config (RayService serveConfigV2 or a local run) points at.

@@ -15,6 +15,7 @@ front ends share one code path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+from moe_serving import live_state
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -216,6 +218,15 @@ class EngineServer:
             cancelled_total=self.cancelled_total,
         )
 
+    def live_report(self, replica: str) -> live_state.Report:
+        """This replica's load and counters for the application's live state."""
+        return live_state.report(
+            replica,
+            self.queue_depth().as_dict(),
+            self.observer.generated_tokens_total,
+            self.observer.requests_total,
+        )
+
     def metrics_text(self) -> str:
         """Prometheus text of this process: vLLM's `vllm:*` metrics and our queue gauges."""
         from prometheus_client import REGISTRY, generate_latest
@@ -317,16 +328,40 @@ class EngineServer:
             return
         if hasattr(result, "model_dump"):
             yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
-            yield result.model_dump()
+            yield with_reasoning_content(result.model_dump())
             return
         yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
         try:
             async for chunk in result:
-                yield chunk
+                yield sse_with_reasoning_content(chunk)
         except Exception as exc:
             logger.exception("stream failed")
             payload = json.dumps(error_body(f"internal error: {exc}", 500, "InternalServerError"))
             yield f"data: {payload}\n\n"
+
+
+def with_reasoning_content(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM names the parsed reasoning `reasoning`; clients written for the OpenAI-compatible
+    reasoning APIs (DeepSeek's, earlier vLLM) read `reasoning_content`: send both."""
+    for choice in body.get("choices") or ():
+        for key in ("message", "delta"):
+            part = choice.get(key) if isinstance(choice, dict) else None
+            if isinstance(part, dict) and "reasoning" in part:
+                part.setdefault("reasoning_content", part["reasoning"])
+    return body
+
+
+def sse_with_reasoning_content(chunk: Any) -> Any:
+    """`with_reasoning_content` for one SSE `data:` chunk (others pass unchanged)."""
+    if not isinstance(chunk, str) or '"reasoning"' not in chunk:
+        return chunk
+    out = []
+    for line in chunk.split("\n"):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            with contextlib.suppress(ValueError):  # not JSON: leave it as vLLM sent it
+                line = "data: " + json.dumps(with_reasoning_content(json.loads(line[6:])))
+        out.append(line)
+    return "\n".join(out)
 
 
 def _exception_events(exc: Exception) -> list[Event]:

@@ -51,6 +51,9 @@ class EngineObserver:
         self.metrics: metrics.EngineMetrics | None = None
         self.expert_load_dir: Path | None = None
         self.vllm_tracing = tracing.otlp_endpoint(config.tracing) is not None
+        # Since start, for the live-state report (moe_serving.live_state).
+        self.generated_tokens_total = 0
+        self.requests_total = 0
 
     def environment(self) -> dict[str, str]:
         """Environment for vLLM's processes (set before they start): expert-load directory and
@@ -213,6 +216,8 @@ class EngineRequest:
         self.ended = True
         generated = sum(self.output_tokens.values())
         obs = self.observer
+        obs.generated_tokens_total += generated
+        obs.requests_total += 1
         if obs.metrics is not None:
             obs.metrics.observe(
                 self.outcome,

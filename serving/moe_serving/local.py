@@ -204,6 +204,10 @@ def _serve_until_stopped(
         )
         console.say(f"OpenAI HTTP API: {endpoints.http_url}  (model {endpoints.model!r})")
         console.say(f"gRPC: {endpoints.grpc_target}  (service {GRPC_SERVICE})")
+        console.say(
+            f"Live state: {endpoints.http_url}/moe/state  (queue, replicas, tokens; metrics at "
+            f"http://{host}:{http_port}/metrics)"
+        )
         console.say("Serving. Press Ctrl-C to stop.")
         stop.serving = True
         if ready_callback is not None:

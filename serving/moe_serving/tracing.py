@@ -157,7 +157,12 @@ class Tracing:
         return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
     def request_span(
-        self, protocol: str, endpoint: str, carrier: Mapping[str, str], model: str
+        self,
+        protocol: str,
+        endpoint: str,
+        carrier: Mapping[str, str],
+        model: str,
+        method: str = "POST",
     ) -> Span:
         """The ingress span of one request (continues the caller's `traceparent`, if any)."""
         attributes = {
@@ -168,7 +173,7 @@ class Tracing:
         if protocol == "grpc":
             attributes.update({"rpc.system": "grpc", "rpc.method": endpoint})
         else:
-            attributes.update({"http.request.method": "POST", "http.route": endpoint})
+            attributes.update({"http.request.method": method, "http.route": endpoint})
         return self.start("moe.ingress", carrier, attributes)
 
     def shutdown(self) -> None:

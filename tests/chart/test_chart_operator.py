@@ -103,6 +103,21 @@ def test_custom_image_resources_env_and_logging() -> None:
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+def test_live_state_values_become_the_operators_settings() -> None:
+    from moe_operator import settings
+
+    default = env_of(operator_container(render({})))
+    assert default["MOE_OPERATOR_LIVE_STATE_INTERVAL"] == "15"
+    assert "MOE_OPERATOR_LIVE_STATE_URL" not in default
+    url = "http://127.0.0.1:8000/{namespace}/{name}/v1/moe/state"
+    values = {"liveState": {"intervalSeconds": 0, "timeoutSeconds": 2.5, "url": url}}
+    env = env_of(operator_container(render(values)))
+    config = settings.load({k: v for k, v in env.items() if isinstance(v, str)})
+    assert config.live_state_interval == 0
+    assert config.live_state_timeout == 2.5
+    assert config.live_state_url == url
+
+
 def test_log_levels_map_to_kopf_flags() -> None:
     flags = {"--verbose", "--debug", "--quiet"}
     for level, expected in [("info", set()), ("verbose", {"--verbose"}), ("debug", {"--debug"})]:

@@ -26,7 +26,8 @@ NAMESPACED: Grants = {
 }
 CRDS: Grants = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 NAMESPACES: Grants = {("", "namespaces"): {"list", "watch"}}
-PEERING_VERBS = {"list", "watch", "patch"}
+# kopf lists, watches and patches its peering; the live-state reader gets it (live_poller.py).
+PEERING_VERBS = {"get", "list", "watch", "patch"}
 CLUSTER_PEERING: Grants = {("kopf.dev", "clusterkopfpeerings"): PEERING_VERBS}
 NS_PEERING: Grants = {("kopf.dev", "kopfpeerings"): PEERING_VERBS}
 WEBHOOK: Grants = {

@@ -12,11 +12,13 @@ fills it (`activeServiceStatus.applicationStatuses`, a Ready condition).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +29,12 @@ import openai
 import pytest
 import yaml
 
+from moe_operator import live_poller, settings
 from moe_operator.api import MoEDeployment
 from moe_operator.planner import plan
 from moe_operator.render import Owner, ray_service
 from moe_operator.status import Inputs, compute
+from moe_serving import live_state
 
 pytestmark = pytest.mark.engine
 
@@ -125,6 +129,27 @@ def _kuberay_status(serve_state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _deploy(dashboard: str, serve_config: dict[str, Any]) -> dict[str, Any]:
+    """PUT the config as KubeRay does; the Serve state once the app runs exactly this config."""
+    put = httpx.put(
+        f"{dashboard}/api/serve/applications/", json=serve_config, headers=AUTH, timeout=60
+    )
+    assert put.status_code == 200, put.text
+    wanted = serve_config["applications"][0]["args"]
+    deadline = time.monotonic() + 420
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{dashboard}/api/serve/applications/", headers=AUTH, timeout=30).json()
+        app = (state.get("applications") or {}).get("moe") or {}
+        status = app.get("status")
+        deployed = (app.get("deployed_app_config") or {}).get("args")
+        if status == "RUNNING" and deployed == wanted:
+            return state
+        assert status not in ("DEPLOY_FAILED", "UNHEALTHY"), json.dumps(state)[-3000:]
+        time.sleep(1)
+    pytest.fail(f"app never reached RUNNING: {json.dumps(state)[-3000:]}")
+
+
 def test_rendered_serve_config_deploys_serves_and_reports_ready(
     rendered: dict[str, Any], ray_head: str
 ) -> None:
@@ -133,22 +158,7 @@ def test_rendered_serve_config_deploys_serves_and_reports_ready(
     assert rendered["rs"]["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     unauthenticated = httpx.get(f"{ray_head}/api/serve/applications/", timeout=30)
     assert unauthenticated.status_code == 401  # the dashboard is not open to anyone
-    put = httpx.put(
-        f"{ray_head}/api/serve/applications/", json=serve_config, headers=AUTH, timeout=60
-    )
-    assert put.status_code == 200, put.text
-
-    deadline = time.monotonic() + 420
-    state: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{ray_head}/api/serve/applications/", headers=AUTH, timeout=30).json()
-        statuses = {n: a.get("status") for n, a in (state.get("applications") or {}).items()}
-        if statuses.get("moe") == "RUNNING":
-            break
-        assert statuses.get("moe") not in ("DEPLOY_FAILED", "UNHEALTHY"), json.dumps(state)[-3000:]
-        time.sleep(3)
-    else:
-        pytest.fail(f"app never reached RUNNING: {json.dumps(state)[-3000:]}")
+    state = _deploy(ray_head, serve_config)
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="none")
     reply = client.completions.create(
@@ -173,3 +183,109 @@ def test_rendered_serve_config_deploys_serves_and_reports_ready(
     assert conditions["Progressing"]["status"] == "False", conditions
     assert conditions["Degraded"]["status"] == "False", conditions
     assert status["readyReplicas"] == 1
+
+
+async def test_operator_reads_the_live_state_of_the_served_app(
+    rendered: dict[str, Any], ray_head: str
+) -> None:
+    """The operator's own reader (live_poller) against the app the previous test deployed:
+    replicas, queue depth, token rate and cost come out of the real /v1/moe/state."""
+    _deploy(ray_head, yaml.safe_load(rendered["rs"]["spec"]["serveConfigV2"]))
+    url = f"http://127.0.0.1:{HTTP_PORT}/v1/moe/state"
+    changed: list[tuple[str, str]] = []
+    hourly = rendered["plan"].hourly_cost_per_replica
+    poller = live_poller.LivePoller(
+        config=settings.load({}),
+        api=lambda: pytest.fail("standalone: no API call expected"),
+        peering=None,
+        targets=lambda: [live_poller.Target(("default", "tiny"), url, hourly)],
+        changed=changed.append,
+    )
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="none")
+    try:
+        await poller.round()
+        first = poller.status[("default", "tiny")]
+        assert first.serving_replicas == 1 and first.desired_replicas == 1
+        assert first.output_tokens_per_second is None  # one sample: no rate yet
+        generated = 0
+        for _ in range(3):
+            reply = await client.completions.create(
+                model="tiny-moe", prompt="The river", max_tokens=16, extra_body={"ignore_eos": True}
+            )
+            assert reply.usage is not None
+            generated += reply.usage.completion_tokens
+        # The replica reports every few seconds; read until its counter has the new tokens.
+        deadline = time.monotonic() + 60
+        while True:
+            await asyncio.sleep(live_state.REPORT_INTERVAL_S)
+            await poller.round()
+            sample = poller.samples[("default", "tiny")]
+            if sample.generated_tokens_total >= generated:
+                break
+            assert time.monotonic() < deadline, sample
+        value = poller.status[("default", "tiny")]
+        assert value.output_tokens_per_second is not None and value.output_tokens_per_second > 0
+        assert value.cost_per_million_tokens is not None and value.cost_per_million_tokens > 0
+        assert value.queue_depth == 0.0
+        assert changed, "a changed value marks the owner for a status write"
+    finally:
+        await client.close()
+        if poller.session is not None:
+            await poller.session.close()
+
+
+def test_config_change_rolls_under_load_without_failed_requests(
+    rendered: dict[str, Any], ray_head: str
+) -> None:
+    """A spec change that KubeRay applies in place (new serveConfigV2 PUT to the running
+    cluster) while clients keep sending: every request gets its answer."""
+    old = yaml.safe_load(rendered["rs"]["spec"]["serveConfigV2"])
+    _deploy(ray_head, old)
+    dep = rendered["dep"]
+    spec = dep.spec.model_copy(deep=True)
+    spec.serving.request_timeout_seconds = dep.spec.serving.request_timeout_seconds + 30
+    owner = Owner(dep.metadata.name, dep.metadata.namespace, "uid-1", generation=2)
+    config = json.loads((Path(spec.model.source) / "config.json").read_text())
+    new_rs = ray_service(owner, spec, plan(spec, model_config=config))
+    new = yaml.safe_load(new_rs["spec"]["serveConfigV2"])
+    assert new != old
+
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def client_loop() -> None:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="none", max_retries=0, timeout=300
+        )
+        while not stop.is_set():
+            try:
+                reply = client.completions.create(
+                    model="tiny-moe", prompt="The river", max_tokens=4
+                )
+                outcomes.append("ok" if reply.choices[0].text is not None else "empty")
+            except Exception as exc:  # every failure is reported by the test
+                outcomes.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(outcomes) < 4:  # load is flowing before the change
+            assert time.monotonic() < deadline, outcomes
+            time.sleep(0.2)
+        before = len(outcomes)
+        _deploy(ray_head, new)
+        during = len(outcomes) - before
+        settled = len(outcomes)
+        deadline = time.monotonic() + 120
+        while len(outcomes) < settled + 4:  # and after it, on the new replicas
+            assert time.monotonic() < deadline, outcomes[-5:]
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=320)
+    failed = [o for o in outcomes if o != "ok"]
+    print(f"rolling change: {len(outcomes)} requests, {during} answered during the roll")
+    assert failed == [], failed[:5]

@@ -36,6 +36,8 @@ async def operator(api: em.ApiServer) -> AsyncIterator[Operator]:
     op = Operator(api)
     yield op
     await op.stop()
+    if op.stop_flag is not None:
+        op.stop_flag.set()  # releases kopf's executor thread even after a crash or failed start
 
 
 @pytest.fixture

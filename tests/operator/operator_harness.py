@@ -170,7 +170,8 @@ class Operator:
                         break
                     for task in leftovers:
                         task.cancel()
-                    loop.run_until_complete(asyncio.wait(leftovers, timeout=0.25))
+                    with contextlib.suppress(asyncio.CancelledError):
+                        loop.run_until_complete(asyncio.wait(leftovers, timeout=0.25))
                 with contextlib.suppress(Exception):
                     loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), timeout=1))
                 loop.close()
@@ -213,6 +214,10 @@ class Operator:
         finally:
             self.crashing = False
             self.api.frozen = False
+            # kopf waits for its threading stop flag in an executor thread; with the loop gone
+            # nothing sets it, and the interpreter would wait for that thread forever at exit.
+            if self.stop_flag is not None:
+                self.stop_flag.set()
 
 
 class KubeRay:
@@ -328,6 +333,8 @@ async def emulated_cluster(
         # Short delays keep the tests fast; the logic is the same as with the defaults.
         monkeypatch.setenv("MOE_OPERATOR_RETRY_DELAY", "0.2")
         monkeypatch.setenv("MOE_OPERATOR_WAIT_DELAY", "0.5")
+        # No live-state reads unless a test serves them (test_live_status.py).
+        monkeypatch.setenv("MOE_OPERATOR_LIVE_STATE_INTERVAL", "0")
         try:
             yield server
         finally:

@@ -34,6 +34,7 @@ from operator_harness import (
     mixtral,
 )
 from rbac_record import granted, helm, used, without
+from state_stub import Load, StateStub
 from test_lifecycle import EXPECTED, children, is_
 
 from moe_operator.api import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
@@ -126,10 +127,10 @@ def _server_url() -> str:
 
 @asynccontextmanager
 async def chart_operators(
-    api: em.ApiServer, tmp_path: pathlib.Path, *pods: str
+    api: em.ApiServer, tmp_path: pathlib.Path, *pods: str, values: dict[str, Any] | None = None
 ) -> AsyncIterator[tuple[list[dict[str, Any]], list[ChartOperator]]]:
     """The chart's default install: its peering object created, its operator pod(s) defined."""
-    objs = helm.render({})
+    objs = helm.render(values or {})
     for peering in helm.by_kind(objs, "ClusterKopfPeering"):
         await api.create(em.PEERINGS, peering)
     operators = [ChartOperator(objs, _server_url(), tmp_path, pod) for pod in pods]
@@ -170,7 +171,13 @@ async def test_chart_command_line_runs_the_whole_lifecycle_within_its_rbac(
     api: em.ApiServer, tmp_path: pathlib.Path
 ) -> None:
     kuberay = KubeRay(api)
-    async with chart_operators(api, tmp_path, "moe-operator-7d9f-a") as (objs, (op,)):
+    # Live-state reads from a stub of the serving pods, often enough to happen in this test.
+    stub = await StateStub().start()
+    stub.loads[(NS, "mixtral")] = Load(waiting=2, running=1, tokens_per_s=40.0)
+    live = {"liveState": {"intervalSeconds": 0.3, "url": stub.url_template}}
+    async with (
+        chart_operators(api, tmp_path, "moe-operator-7d9f-a", values=live) as (objs, (op,)),
+    ):
         await op.start()
         body = mixtral()
         body["spec"]["networkPolicy"] = {"enabled": True}
@@ -181,6 +188,11 @@ async def test_chart_command_line_runs_the_whole_lifecycle_within_its_rbac(
         # The operator keeps its heartbeat in the chart's peering object under the pod's name.
         peering = api.read(em.PEERINGS, None, "moe-operator")
         assert op.pod in (peering.get("status") or {}), peering
+        # The live serving state reaches the status (the reader checked the peering first).
+        await eventually(
+            lambda: api.read(MOED, NS, "mixtral")["status"].get("queueDepth") == 2.0,
+            message="live queue depth",
+        )
         # Update, prune, scale, repair: every kind of write the operator has.
         await api.modify(MOED, NS, "mixtral", {"spec": {"networkPolicy": {"enabled": False}}})
         await eventually(lambda: children(api) == EXPECTED, message="NetworkPolicy pruned")
@@ -214,6 +226,7 @@ async def test_chart_command_line_runs_the_whole_lifecycle_within_its_rbac(
         # Everything it called is granted; everything granted was called (least privilege).
         assert without(calls, grants) == {}
         assert without(grants, calls) == {}
+    await stub.stop()
 
 
 async def test_two_chart_replicas_never_act_at_once(

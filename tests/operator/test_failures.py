@@ -37,6 +37,13 @@ def unplannable() -> dict[str, Any]:
     return body
 
 
+def handled_spec_stored(api: em.ApiServer) -> bool:
+    """kopf has written the last-handled-configuration annotation and no handler progress."""
+    annotations = api.read(MOED, NS, "mixtral")["metadata"].get("annotations", {})
+    progress = [k for k in annotations if k.startswith("serving.moeoperator.io/reconcile")]
+    return "serving.moeoperator.io/last-handled-configuration" in annotations and not progress
+
+
 async def test_unplannable_spec_is_degraded_without_retrying(
     api: em.ApiServer, operator: Operator, reconciles: Reconciles
 ) -> None:
@@ -52,6 +59,9 @@ async def test_unplannable_spec_is_degraded_without_retrying(
     assert cond(api, "Progressing") == {**cond(api, "Progressing"), "status": "False"}
     assert children(api) == []
     await eventually(lambda: not operator.busy, message="idle operator")
+    # kopf's own last write after a permanent failure stores the handled spec (the diff base);
+    # only after it is the operator meant to be quiet.
+    await eventually(lambda: handled_spec_stored(api), message="diff base stored")
     runs, mark = reconciles.count(), len(api.calls)
     # A retry loop would run again within a few retry delays (0.2 s here): watch for 5 of them.
     await asyncio.sleep(1.0)

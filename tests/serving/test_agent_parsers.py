@@ -225,3 +225,19 @@ def test_plain_answer_is_not_a_tool_call(tokenizer: Any) -> None:
     for name, _ in TOOL_CASES:
         info = _tool_parser(name, tokenizer).extract_tool_calls("It is sunny in Paris.", request)
         assert not info.tools_called and info.content == "It is sunny in Paris."
+
+
+def test_reasoning_is_also_sent_as_reasoning_content() -> None:
+    from moe_serving.engine import sse_with_reasoning_content, with_reasoning_content
+
+    body = {"choices": [{"message": {"content": None, "reasoning": "think"}}]}
+    assert with_reasoning_content(body)["choices"][0]["message"]["reasoning_content"] == "think"
+    chunk = 'data: {"choices": [{"delta": {"reasoning": "th"}}]}\n\n'
+    out = sse_with_reasoning_content(chunk)
+    assert out.endswith("\n\n")
+    assert json.loads(out.split("\n")[0][6:])["choices"][0]["delta"]["reasoning_content"] == "th"
+    # Chunks without reasoning, the end marker and non-JSON pass through untouched.
+    for same in ('data: {"choices": [{"delta": {"content": "a"}}]}\n\n', "data: [DONE]\n\n"):
+        assert sse_with_reasoning_content(same) == same
+    broken = 'data: {"reasoning": oops\n\n'
+    assert sse_with_reasoning_content(broken) == broken

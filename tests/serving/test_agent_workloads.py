@@ -309,7 +309,20 @@ def test_thinking_switch_moves_output_between_reasoning_and_content(served: Serv
     )
     message = on.choices[0].message
     assert message.model_extra is not None and message.model_extra.get("reasoning")
+    # Also under the name clients of OpenAI-compatible reasoning APIs read.
+    assert message.model_extra.get("reasoning_content") == message.model_extra["reasoning"]
     assert not message.content
+    stream = _chat(
+        served,
+        structured=False,
+        max_tokens=8,
+        stream=True,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    streamed = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert streamed == "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas)
+    assert streamed == message.model_extra["reasoning"]
     off = _chat(served, structured=False, max_tokens=8).choices[0].message
     assert off.content and not (off.model_extra or {}).get("reasoning")
 

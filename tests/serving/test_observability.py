@@ -186,6 +186,12 @@ _EXPORTED = {
     "moe_replica_queue_depth",
     "moe_replica_requests",
     "moe_ingress_requests_total",
+    "moe_app_generated_tokens_total",
+    "moe_app_waiting_requests",
+    "moe_app_running_requests",
+    "moe_app_hourly_cost_usd",
+    "moe_app_output_tokens_per_second",
+    "moe_cost_per_million_output_tokens",
 }
 
 

@@ -207,7 +207,11 @@ def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Served) ->
     deadline = time.monotonic() + 60
     while True:
         new = [
-            s for s in served.spans() if s["trace_id"] not in before and s["name"] == "moe.ingress"
+            s
+            for s in served.spans()
+            if s["trace_id"] not in before
+            and s["name"] == "moe.ingress"
+            and s["attributes"]["moe.endpoint"] == "/v1/chat/completions"
         ]
         if new:
             break
@@ -245,6 +249,30 @@ def test_grpc_unary_and_streaming_take_traceparent_from_metadata(served: Served)
     engine = _complete_tree(spans, caller)
     assert engine["attributes"]["gen_ai.usage.completion_tokens"] == 3
     assert _one(spans, "moe.ingress")["attributes"]["rpc.method"] == "Generate"
+
+
+def test_endpoints_besides_generation_have_spans_too(served: Served) -> None:
+    for path in ("/health", "/metrics", "/v1/models", "/v1/moe/state"):
+        traceparent, trace_id, caller = _traceparent()
+        response = httpx.get(f"{served.http}{path}", headers={"traceparent": traceparent})
+        assert response.status_code == 200, (path, response.text[:300])
+        ingress = _one(served.trace(trace_id, _has("moe.ingress")), "moe.ingress")
+        assert ingress["parent_span_id"] == caller
+        assert ingress["attributes"]["http.route"] == path
+        assert ingress["attributes"]["http.request.method"] == "GET"
+        assert ingress["attributes"]["http.response.status_code"] == 200
+        assert ingress["status"] == "OK"
+    stub = served.stub()
+    for method, call in (
+        ("Health", lambda md: stub.Health(pb.HealthRequest(), metadata=md)),
+        ("ListModels", lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md)),
+    ):
+        traceparent, trace_id, caller = _traceparent()
+        call([("traceparent", traceparent)])
+        ingress = _one(served.trace(trace_id, _has("moe.ingress")), "moe.ingress")
+        assert ingress["parent_span_id"] == caller
+        assert ingress["attributes"]["rpc.method"] == method
+        assert ingress["attributes"]["rpc.grpc.status_code"] == "OK"
 
 
 def test_failed_requests_have_error_spans(served: Served) -> None:

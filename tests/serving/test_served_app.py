@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from moe_serving import oracle
+from moe_serving import live_state, oracle
 from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
@@ -37,6 +37,7 @@ MAX_ONGOING, MAX_QUEUED = 2, 2
 _FINISHED_BY_LENGTH = re.compile(
     r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)', re.M
 )
+HOURLY_USD = 2.0  # price of one replica, for the live cost series
 LONG = 1900  # tokens: seconds of generation, far longer than the test needs to act
 
 
@@ -93,6 +94,7 @@ def served(tiny_gemma4: Path) -> Iterator[Served]:
             "max_ongoing_requests": MAX_ONGOING,
             "max_queued_requests": MAX_QUEUED,
             "request_timeout_s": 300,
+            "hourly_cost_per_replica_usd": HOURLY_USD,
         }
     )
     http_port, grpc_port = _free_port(), _free_port()
@@ -219,6 +221,62 @@ def test_health_and_metrics(served: Served) -> None:
     assert "moe_replica_queue_depth " in text
     assert "vllm:num_requests_running" in text
     assert "moe_replica_cancelled_requests_total" in text
+
+
+def live(served: Served) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{served.http}/v1/moe/state", timeout=30).json()
+    return body
+
+
+def wait_live(served: Served, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> None:
+    """Poll /v1/moe/state until `ok(load)` (replicas report every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while not ok(load := live(served)["load"]):
+        assert time.monotonic() < deadline, f"live state never settled: {load}"
+        time.sleep(0.2)
+
+
+def test_live_state_counts_replicas_and_generated_tokens(served: Served) -> None:
+    served.wait_depth(lambda d: d["total"] == 0)
+    # Let the replica's periodic report catch up with the requests of earlier tests.
+    time.sleep(live_state.REPORT_INTERVAL_S * 2.5)
+    state = live(served)
+    assert state["version"] == live_state.STATE_VERSION
+    assert state["deployment"] == "LLMEngine"
+    assert state["replicas"] == {"running": 1, "target": 1}
+    load = state["load"]
+    assert load["reporting_replicas"] == 1 and load["waiting"] == 0 and load["running"] == 0
+    base = load["generated_tokens_total"]
+    response = served.client().completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=7, extra_body={"ignore_eos": True}
+    )
+    assert response.usage is not None and response.usage.completion_tokens == 7
+    wait_live(served, lambda load: load["generated_tokens_total"] == base + 7)
+
+
+def _series(text: str, name: str) -> float | None:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_live_cost_per_million_tokens_metric(served: Served) -> None:
+    served.wait_depth(lambda d: d["total"] == 0)
+    time.sleep(live_state.REPORT_INTERVAL_S * 2.5)  # the replica's report catches up
+    base = live(served)["load"]["generated_tokens_total"]
+    first = httpx.get(f"{served.http}/metrics", timeout=30).text  # the window starts here
+    assert _series(first, "moe_app_generated_tokens_total") == base
+    assert _series(first, "moe_app_hourly_cost_usd") == HOURLY_USD  # one running replica
+    for _ in range(2):
+        served.client().completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, extra_body={"ignore_eos": True}
+        )
+    wait_live(served, lambda load: load["generated_tokens_total"] == base + 32)
+    second = httpx.get(f"{served.http}/metrics", timeout=30).text
+    assert _series(second, "moe_app_generated_tokens_total") == base + 32
+    rate = _series(second, "moe_app_output_tokens_per_second")
+    cost = _series(second, "moe_cost_per_million_output_tokens")
+    assert rate is not None and rate > 0, second[-2000:]
+    assert cost == pytest.approx(HOURLY_USD / (rate * 3600) * 1e6, rel=1e-6)
 
 
 # ---- gRPC, through the generated stub -----------------------------------------------------------
@@ -394,6 +452,10 @@ def test_full_queue_answers_503_and_resource_exhausted(served: Served) -> None:
         stack.callback(release.set)
         # Two requests run in vLLM and two wait in the replica's queue: it is full.
         served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
+        # The operator's view of the same load (what goes into status.queueDepth).
+        wait_live(
+            served, lambda load: load["waiting"] == MAX_QUEUED and load["running"] == MAX_ONGOING
+        )
 
         with pytest.raises(openai.APIStatusError) as info:
             served.client(max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=2)

@@ -20,10 +20,11 @@ clusterScoped:
     verbs: ["list", "watch"]
 {{- end }}
 {{- if and .Values.peering.enabled (include "moe-operator.allNamespaces" .) }}
-  # Cluster-wide kopf peering (--all-namespaces uses ClusterKopfPeering).
+  # Cluster-wide kopf peering (--all-namespaces uses ClusterKopfPeering); the live-state
+  # reader gets it to stay quiet while another operator is in charge.
   - apiGroups: ["kopf.dev"]
     resources: ["clusterkopfpeerings"]
-    verbs: ["list", "watch", "patch"]
+    verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- if .Values.webhook.enabled }}
   # kopf manages the ValidatingWebhookConfiguration of its admission webhook.
@@ -57,9 +58,10 @@ namespaced:
     resources: ["events"]
     verbs: ["create"]
 {{- if and .Values.peering.enabled (not (include "moe-operator.allNamespaces" .)) }}
-  # Namespaced kopf peering (--namespace uses KopfPeering in each watched namespace).
+  # Namespaced kopf peering (--namespace uses KopfPeering in each watched namespace); the
+  # live-state reader gets it to stay quiet while another operator is in charge.
   - apiGroups: ["kopf.dev"]
     resources: ["kopfpeerings"]
-    verbs: ["list", "watch", "patch"]
+    verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}

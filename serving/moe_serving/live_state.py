@@ -1,0 +1,184 @@
+"""Live state of one Serve application, for the operator's status: load, replicas, tokens.
+
+A deployment handle reaches one replica, and Ray Serve has no broadcast to all replicas of a
+deployment, so every engine replica pushes a small load report to a named actor of its
+application (the board) every few seconds; the ingress's `GET /v1/moe/state` sums the fresh
+reports and adds Ray Serve's replica counts (running and the autoscaler's target). A report
+older than `STALE_AFTER_S` (its replica died or hangs) no longer counts.
+
+`aggregate` and `state_body` are pure; `board` and `serve_replicas` need a Ray worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+#: How often an engine replica reports.
+REPORT_INTERVAL_S = 2.0
+#: A report this old no longer counts (several missed intervals).
+STALE_AFTER_S = 10.0
+#: Version of the `/v1/moe/state` body; the operator refuses bodies of another major version.
+STATE_VERSION = 1
+
+Report = dict[str, Any]
+
+
+def report(replica: str, depth: Mapping[str, int], generated_tokens: int, requests: int) -> Report:
+    """One engine replica's report: its queue depth and counters since it started."""
+    return {
+        "replica": replica,
+        "time": time.time(),
+        "queued": int(depth.get("queued", 0)),
+        "in_engine": int(depth.get("in_engine", 0)),
+        "scheduler_waiting": int(depth.get("scheduler_waiting", 0)),
+        "scheduler_running": int(depth.get("scheduler_running", 0)),
+        "generated_tokens_total": int(generated_tokens),
+        "requests_total": int(requests),
+    }
+
+
+def aggregate(reports: Mapping[str, Report], now: float) -> dict[str, Any]:
+    """Sum of the fresh reports (waiting = our queue + vLLM's waiting; running = vLLM's)."""
+    fresh = [r for r in reports.values() if now - float(r.get("time", 0)) <= STALE_AFTER_S]
+    waiting = sum(r["queued"] + max(r["in_engine"] - r["scheduler_running"], 0) for r in fresh)
+    running = sum(min(r["scheduler_running"], r["in_engine"]) for r in fresh)
+    return {
+        "reporting_replicas": len(fresh),
+        "waiting": waiting,
+        "running": running,
+        # Counters restart with a replica: the operator treats a drop as a restart.
+        "generated_tokens_total": sum(r["generated_tokens_total"] for r in fresh),
+        "requests_total": sum(r["requests_total"] for r in fresh),
+        "replica_ids": sorted(str(r["replica"]) for r in fresh),
+    }
+
+
+def state_body(
+    app: str,
+    deployment: str,
+    reports: Mapping[str, Report],
+    running_replicas: int | None,
+    target_replicas: int | None,
+    now: float,
+) -> dict[str, Any]:
+    """The JSON body of `GET /v1/moe/state`."""
+    load = aggregate(reports, now)
+    return {
+        "version": STATE_VERSION,
+        "time": now,
+        "application": app,
+        "deployment": deployment,
+        "replicas": {"running": running_replicas, "target": target_replicas},
+        "load": load,
+    }
+
+
+class RateWindow:
+    """Output tokens per second of the whole application between two reads of its load (the
+    ingress's /metrics scrapes); None until two comparable reads exist."""
+
+    #: Reads closer than this keep the previous rate (a burst of scrapes is not a window).
+    MIN_GAP_S = 1.0
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int, tuple[str, ...]] | None = None
+        self.rate: float | None = None
+
+    def update(self, load: Mapping[str, Any], now: float) -> float | None:
+        ids = tuple(str(r) for r in load.get("replica_ids") or ())
+        total = int(load.get("generated_tokens_total", 0))
+        if self.last is not None:
+            then, before, ids_before = self.last
+            if now - then < self.MIN_GAP_S:
+                return self.rate
+            # Another replica set, or a counter restarted: not comparable, no rate this time.
+            comparable = ids == ids_before and total >= before
+            self.rate = (total - before) / (now - then) if comparable else None
+        self.last = (now, total, ids)
+        return self.rate
+
+
+def cost_per_million_tokens(hourly_usd: float | None, tokens_per_s: float | None) -> float | None:
+    """USD per million output tokens at this rate; None when idle or without a price."""
+    if hourly_usd is None or tokens_per_s is None or tokens_per_s <= 0:
+        return None
+    return hourly_usd / (tokens_per_s * 3600.0) * 1e6
+
+
+# ---- Ray side ---------------------------------------------------------------------------------
+
+
+class Board:
+    """The latest report of every engine replica of one application (a tiny Ray actor)."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, Report] = {}
+
+    def put(self, item: Report) -> None:
+        self.reports[str(item["replica"])] = item
+        # Forget replicas gone for long (replica ids are never reused).
+        cutoff = time.time() - 30 * STALE_AFTER_S
+        for key in [k for k, r in self.reports.items() if float(r["time"]) < cutoff]:
+            del self.reports[key]
+
+    def drop(self, replica: str) -> None:
+        self.reports.pop(replica, None)
+
+    def get(self) -> dict[str, Report]:
+        return dict(self.reports)
+
+
+def board(app_name: str) -> Any:
+    """The application's board actor, created by whichever replica asks first.
+
+    Detached, so it outlives the replica that created it; it takes no CPU. It lives in Serve's
+    namespace and dies with the Ray cluster.
+    """
+    import ray
+
+    return (
+        ray.remote(Board)
+        .options(
+            name=f"moe-live-state:{app_name}",
+            namespace="serve",
+            get_if_exists=True,
+            lifetime="detached",
+            num_cpus=0,
+        )
+        .remote()
+    )
+
+
+def serve_replicas(app_name: str, deployment: str) -> tuple[int | None, int | None]:
+    """(running, target) replicas of a deployment, from the Serve controller.
+
+    The controller's instance details are what the dashboard's Serve REST API
+    (`GET /api/serve/applications/`) returns; the autoscaler's target is only there.
+    (None, None) when the controller cannot be asked.
+    """
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        details = cast(
+            dict[str, Any], ray.get(controller.get_serve_instance_details.remote(), timeout=10)
+        )
+    except Exception:  # controller restarting, or an older Ray: no replica numbers
+        return None, None
+    return replica_counts(details, app_name, deployment)
+
+
+def replica_counts(
+    details: Mapping[str, Any], app_name: str, deployment: str
+) -> tuple[int | None, int | None]:
+    """(running, target) from a ServeInstanceDetails dict (pure)."""
+    app = (details.get("applications") or {}).get(app_name) or {}
+    dep = (app.get("deployments") or {}).get(deployment)
+    if not dep:
+        return None, None
+    running = sum(1 for r in dep.get("replicas") or [] if r.get("state") == "RUNNING")
+    target = dep.get("target_num_replicas")
+    return running, int(target) if target is not None else None
