@@ -193,7 +193,9 @@ async def test_operator_reads_the_live_state_of_the_served_app(
     _deploy(ray_head, yaml.safe_load(rendered["rs"]["spec"]["serveConfigV2"]))
     url = f"http://127.0.0.1:{HTTP_PORT}/v1/moe/state"
     changed: list[tuple[str, str]] = []
-    hourly = rendered["plan"].hourly_cost_per_replica
+    # The CPU plan is priced at $0/hour; a price makes the cost arithmetic visible.
+    assert rendered["plan"].hourly_cost_per_replica == 0.0
+    hourly = 3.0
     poller = live_poller.LivePoller(
         config=settings.load({}),
         api=lambda: pytest.fail("standalone: no API call expected"),
@@ -225,7 +227,9 @@ async def test_operator_reads_the_live_state_of_the_served_app(
             assert time.monotonic() < deadline, sample
         value = poller.status[("default", "tiny")]
         assert value.output_tokens_per_second is not None and value.output_tokens_per_second > 0
-        assert value.cost_per_million_tokens is not None and value.cost_per_million_tokens > 0
+        assert value.cost_per_million_tokens == pytest.approx(
+            hourly / (value.output_tokens_per_second * 3600) * 1e6, rel=1e-2
+        )
         assert value.queue_depth == 0.0
         assert changed, "a changed value marks the owner for a status write"
     finally:
