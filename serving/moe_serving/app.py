@@ -17,7 +17,8 @@
 
 Operator contract: `import_path: moe_serving.app:build_app`, `args: AppConfig.model_dump(
 mode="json")`, gRPC servicer function
-`moe_serving.proto.inference_pb2_grpc.add_InferenceServiceServicer_to_server`.
+`moe_serving.grpc_servicer.add_InferenceServiceServicer_to_server` (requests reach the
+ingress as bytes and are parsed here: see that module).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from moe_serving import autoscaling, body_checks, grpc_api, live_state, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
+from moe_serving.grpc_servicer import UndecodableRequest, decode
 from moe_serving.metrics import app_metrics_text, replicas_text
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.vllm_args import world_size
@@ -471,13 +473,18 @@ class Ingress:
             "Complete",
             request,
             grpc_context,
-            grpc_api.completion_body,
+            lambda raw: grpc_api.completion_body(decode(raw, pb.CompleteRequest)),
             grpc_api.completion_response,
         )
 
     async def Chat(self, request: pb.ChatRequest, grpc_context: Any = None) -> Any:
         return await self._grpc_unary(
-            "chat", "Chat", request, grpc_context, grpc_api.chat_body, grpc_api.chat_response
+            "chat",
+            "Chat",
+            request,
+            grpc_context,
+            lambda raw: grpc_api.chat_body(decode(raw, pb.ChatRequest)),
+            grpc_api.chat_response,
         )
 
     async def Generate(
@@ -491,6 +498,10 @@ class Ingress:
         )
         try:
             self._check_key(_grpc_metadata(grpc_context, "authorization"))
+            try:
+                request = decode(request, pb.GenerateRequest)
+            except UndecodableRequest as exc:
+                raise _ClientError(400, str(exc)) from exc
             which = request.WhichOneof("input")
             if which is None:
                 raise _ClientError(400, "set GenerateRequest.completion or GenerateRequest.chat")
@@ -587,7 +598,7 @@ class Ingress:
             self._check_key(_grpc_metadata(grpc_context, "authorization"))
             try:
                 body = to_body(request)
-            except grpc_api.InvalidRequest as exc:
+            except (grpc_api.InvalidRequest, UndecodableRequest) as exc:
                 raise _ClientError(400, str(exc)) from exc
             self._check_model(body)
             gen = None

@@ -142,6 +142,4 @@ class AppConfig(_Strict):
 #: What a Serve config (RayService serveConfigV2 or a local run) points at.
 APP_IMPORT_PATH = "moe_serving.app:build_app"
 APP_NAME = "moe"
-GRPC_SERVICER_FUNCTIONS = [
-    "moe_serving.proto.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
-]
+GRPC_SERVICER_FUNCTIONS = ["moe_serving.grpc_servicer.add_InferenceServiceServicer_to_server"]

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from moe_serving.config import AppConfig
+from moe_serving.config import GRPC_SERVICER_FUNCTIONS, AppConfig
 
-GRPC_SERVICER_FUNCTION = (
-    "moe_serving.proto.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
-)
+GRPC_SERVICER_FUNCTION = GRPC_SERVICER_FUNCTIONS[0]
 GRPC_SERVICE = "moe.inference.v1.InferenceService"
 
 

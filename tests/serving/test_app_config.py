@@ -100,6 +100,45 @@ def test_serve_options_name_the_grpc_servicer() -> None:
     assert callable(getattr(imported, name))
 
 
+def test_servicer_registers_every_rpc_and_leaves_parsing_to_the_ingress() -> None:
+    import grpc
+
+    from moe_serving.grpc_servicer import UndecodableRequest, add_InferenceServiceServicer_to_server
+    from moe_serving.grpc_servicer import decode as decode_request
+    from moe_serving.proto import inference_pb2 as pb
+    from moe_serving.proto import inference_pb2_grpc as generated
+
+    class Capture:
+        def __init__(self) -> None:
+            self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def add_generic_rpc_handlers(self, generic: Any) -> None:
+            self.handlers.update(generic[0]._method_handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            pass
+
+    class Stub:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args: None
+
+    ours, theirs = Capture(), Capture()
+    add_InferenceServiceServicer_to_server(Stub(), ours)
+    generated.add_InferenceServiceServicer_to_server(Stub(), theirs)
+    assert ours.handlers.keys() == theirs.handlers.keys()  # every RPC of the proto
+    for key, handler in ours.handlers.items():
+        other = theirs.handlers[key]
+        assert handler.request_deserializer is None  # bytes reach the ingress
+        assert handler.response_serializer == other.response_serializer
+        assert handler.response_streaming == other.response_streaming
+    message = pb.CompleteRequest(prompt="hi")
+    assert decode_request(message.SerializeToString(), pb.CompleteRequest) == message
+    assert decode_request(message, pb.CompleteRequest) is message
+    for garbage in (b"\xff\xff\xff\x0f garbage", b"\x12\x10abc"):
+        with pytest.raises(UndecodableRequest, match=r"not a valid moe\.inference\.v1\.Complete"):
+            decode_request(garbage, pb.CompleteRequest)
+
+
 def test_deployment_options_fit_a_two_core_machine() -> None:
     from ray import serve
 
