@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from moe_serving import live_state
+from moe_serving import live_state, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -129,6 +129,7 @@ class EngineServer:
             max_queued=config.max_queued_requests,
         )
         self._engine: AsyncLLM | None = None
+        self.tool_call_parser: str | None = None  # the name vLLM got (tool_choice.py)
         self._state: Any = None
         self._stats = _SchedulerStats()
         self.observer = EngineObserver(config)  # spans, request metrics, expert load
@@ -162,6 +163,7 @@ class EngineServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = build_namespace(self.config.engine)
+        self.tool_call_parser = args.tool_call_parser
         self.observer.engine_args(args)
         self.observer.start()  # before vLLM: its spans use this process's tracer provider
         engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -311,6 +313,9 @@ class EngineServer:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         state = self._state
+        buffered = kind == "chat" and tool_choice.buffers_stream(self.tool_call_parser, request)
+        if buffered:  # generated in one piece, sent as a stream (tool_choice.py says why)
+            request.stream = False
         try:
             if kind == "completions":
                 result = await state.openai_serving_completion.create_completion(request, None)
@@ -325,6 +330,13 @@ class EngineServer:
             reason = {400: "invalid_request", 404: "not_found"}.get(status, "internal")
             yield {"status": status, "stream": False, "reason": reason, "retry_after_s": None}
             yield result.model_dump()
+            return
+        if hasattr(result, "model_dump") and buffered:
+            yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
+            options = getattr(request, "stream_options", None)
+            usage = bool(options and getattr(options, "include_usage", False))
+            for chunk in tool_choice.as_stream(with_reasoning_content(result.model_dump()), usage):
+                yield chunk
             return
         if hasattr(result, "model_dump"):
             yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}

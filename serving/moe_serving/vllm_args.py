@@ -66,7 +66,10 @@ def build_namespace(engine: EngineArgs) -> argparse.Namespace:
             )
         setattr(args, key, value)
     if engine.tool_call_parser:
-        args.tool_call_parser = engine.tool_call_parser
+        from moe_serving.tool_choice import constrained_parser
+
+        # Same parser, but required/named tool choice always constrained (tool_choice.py).
+        args.tool_call_parser = constrained_parser(engine.tool_call_parser)
         args.enable_auto_tool_choice = True
     if engine.reasoning_parser:
         args.reasoning_parser = engine.reasoning_parser

@@ -241,3 +241,39 @@ def test_reasoning_is_also_sent_as_reasoning_content() -> None:
         assert sse_with_reasoning_content(same) == same
     broken = 'data: {"reasoning": oops\n\n'
     assert sse_with_reasoning_content(broken) == broken
+
+
+def test_buffered_forced_tool_call_stream_is_a_well_formed_chunk_sequence() -> None:
+    from moe_serving.tool_choice import SUFFIX, as_stream, buffers_stream
+
+    class Request:
+        stream, tools, tool_choice = True, [{"type": "function"}], "required"
+
+    assert buffers_stream("gemma4" + SUFFIX, Request())
+    assert not buffers_stream("hermes", Request())  # constrained natively, streams natively
+    Request.tool_choice = "auto"
+    assert not buffers_stream("gemma4" + SUFFIX, Request())
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    body = {
+        "id": "chatcmpl-1",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+    }
+    events = as_stream(body, include_usage=True)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-1" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    (streamed,) = chunks[1]["choices"][0]["delta"]["tool_calls"]
+    assert streamed == {"index": 0, **call}
+    assert chunks[2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[3]["usage"]["completion_tokens"] == 5 and chunks[3]["choices"] == []
+    assert len(as_stream(body, include_usage=False)) == len(events) - 1

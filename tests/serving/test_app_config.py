@@ -62,6 +62,41 @@ def test_namespace_is_vllms_own_and_rejects_unknown_extras() -> None:
         build_namespace(_config(extra={"no_such_flag": 1}).engine)
 
 
+def test_parsers_without_constrained_required_and_named_get_a_json_forced_variant() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tool_parsers import ToolParserManager
+
+    from moe_serving.tool_choice import SUFFIX
+
+    # hermes constrains through its structural tag: kept as it is.
+    assert build_namespace(_config(tool_call_parser="hermes").engine).tool_call_parser == "hermes"
+    # gemma4 (and mistral) leave required/named unconstrained in vLLM 0.32: the variant does not.
+    args = build_namespace(_config(tool_call_parser="gemma4").engine)
+    assert args.tool_call_parser == "gemma4" + SUFFIX
+    variant = ToolParserManager.get_tool_parser(args.tool_call_parser)
+    base = ToolParserManager.get_tool_parser("gemma4")
+    assert issubclass(variant, base) and variant.supports_required_and_named
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    parser = object.__new__(variant)  # adjust_request needs no tokenizer state
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        request = ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "x"}], "tools": [tool], "tool_choice": choice}
+        )
+        adjusted = parser.adjust_request(request)
+        assert adjusted.structured_outputs is not None and adjusted.structured_outputs.json
+        assert "city" in str(adjusted.structured_outputs.json)
+
+
 def test_cpu_thread_binding_gives_each_rank_its_cores() -> None:
     assert cpu_thread_binding(2, [0, 1]) == "0|1"
     assert cpu_thread_binding(2, [3, 2, 1, 0]) == "0,1|2,3"
@@ -146,6 +181,8 @@ def test_deployment_options_fit_a_two_core_machine() -> None:
     engine = engine_deployment_options(config)
     ingress = ingress_deployment_options(config)
     assert ingress["ray_actor_options"] == {"num_cpus": 0}
+    # An old ingress drains every request it holds during a rolling update (none force-killed).
+    assert ingress["graceful_shutdown_timeout_s"] > config.request_timeout_s
     assert engine["ray_actor_options"] == {"num_cpus": 0}
     assert engine["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}]
     # Ray must hand queued requests to the replica, whose own queue answers 503.

@@ -1,0 +1,184 @@
+"""Constrained tool calls on the Gemma 4 family: `required` and named tool choice.
+
+vLLM 0.32's `gemma4` tool parser leaves required/named calls to the model's native syntax,
+unconstrained (its adjust_request skips structured output), so a model that does not emit that
+syntax returns text. moe_serving.tool_choice gives vLLM a variant of the parser that takes the
+JSON-constrained path for required/named and keeps the parser for `auto`; streamed forced calls
+are generated whole and sent as a short stream. This module serves the tiny Gemma-4-style
+checkpoint with the parsers the catalog gives the family (what the operator renders) and checks
+that the calls validate against their schemas over HTTP (streaming and not) and gRPC (unary and
+streaming). Schemas and whitespace bias are those of test_agent_workloads.py (see why there).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from test_agent_workloads import (
+    MAX_TOKENS,
+    MESSAGES,
+    NO_THINKING,
+    TOOLS,
+    _assert_valid_calls,
+    _whitespace_bias,
+)
+
+from moe_operator.catalog import ARCHITECTURES
+from moe_serving.config import AppConfig
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.proto import inference_pb2_grpc as pb_grpc
+from moe_serving.tinymodel import Arch
+
+pytestmark = pytest.mark.engine
+
+MODEL = "tiny-gemma4-agent"
+
+
+@dataclass
+class Served:
+    http: str
+    grpc_target: str
+    no_whitespace: dict[str, int]
+
+    def chat(self, **kwargs: Any) -> Any:
+        client = openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
+        extra = {**NO_THINKING, "logit_bias": self.no_whitespace}
+        return client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            tools=TOOLS,
+            extra_body=extra,
+            **kwargs,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
+    import ray
+    from ray import serve
+
+    from moe_serving.app import build_app
+    from moe_serving.local import serve_options
+
+    family = next(a for a in ARCHITECTURES.values() if a.family == "gemma4")
+    model_dir = tiny_models("gemma4")
+    config = AppConfig.model_validate(
+        {
+            "deployment_name": "moe-gemma4-agent-test",
+            "engine": {
+                "model": str(model_dir),
+                "served_model_name": MODEL,
+                "dtype": "float32",
+                "max_model_len": 2048,
+                "enforce_eager": True,
+                # What the operator fills from the catalog for the Gemma 4 family.
+                "tool_call_parser": family.tool_call_parser,
+                "reasoning_parser": family.reasoning_parser,
+            },
+            "request_timeout_s": 300,
+        }
+    )
+    assert config.engine.tool_call_parser == "gemma4"
+    http_port, grpc_port = _free_port(), _free_port()
+    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-gemma4-agent-tests")
+    try:
+        options = serve_options(http_port, grpc_port, host="127.0.0.1")
+        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
+        serve.run(
+            build_app(config.model_dump(mode="json")),
+            name=config.deployment_name,
+            route_prefix="/",
+            blocking=False,
+        )
+        yield Served(
+            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", _whitespace_bias(model_dir)
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_required_tool_choice_gives_schema_valid_calls(served: Served) -> None:
+    choice = served.chat(tool_choice="required", parallel_tool_calls=False).choices[0]
+    calls = choice.message.tool_calls or []
+    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls])
+    assert choice.finish_reason == "tool_calls"
+
+
+def test_named_tool_choice_calls_that_function(served: Served) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    calls = served.chat(tool_choice=named).choices[0].message.tool_calls or []
+    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls], only="get_time")
+
+
+def test_streamed_required_tool_call_assembles_to_valid_arguments(served: Served) -> None:
+    stream = served.chat(tool_choice="required", parallel_tool_calls=False, stream=True)
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    seen: list[Any] = []  # what came instead, should no call come
+    for chunk in stream:
+        for choice in chunk.choices:
+            seen.append(choice.delta.model_dump(exclude_none=True))
+            for delta in choice.delta.tool_calls or []:
+                if delta.function and delta.function.name:
+                    names[delta.index] = delta.function.name
+                if delta.function and delta.function.arguments:
+                    arguments[delta.index] = (
+                        arguments.get(delta.index, "") + delta.function.arguments
+                    )
+    assert names, seen[:40]
+    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
+
+
+def _grpc_chat(served: Served, tool_choice: Any, extra: dict[str, Any]) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        model=MODEL,
+        messages=[pb.ChatMessage(role="user", content=MESSAGES[0]["content"])],
+        sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+        tools_json=json.dumps(TOOLS),
+        tool_choice_json=json.dumps(tool_choice),
+        chat_template_kwargs_json=json.dumps(NO_THINKING["chat_template_kwargs"]),
+        extra_json=json.dumps({"logit_bias": served.no_whitespace, **extra}),
+    )
+
+
+def test_grpc_named_tool_choice_gives_a_schema_valid_call(served: Served) -> None:
+    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(served.grpc_target))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = stub.Chat(_grpc_chat(served, named, {}), timeout=300)
+    calls = json.loads(response.choices[0].tool_calls_json)
+    _assert_valid_calls(
+        [(c["function"]["name"], c["function"]["arguments"]) for c in calls], only="get_weather"
+    )
+
+
+def test_grpc_streamed_required_tool_call(served: Served) -> None:
+    stub = pb_grpc.InferenceServiceStub(grpc.insecure_channel(served.grpc_target))
+    request = _grpc_chat(served, "required", {"parallel_tool_calls": False})
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    for chunk in stub.Generate(pb.GenerateRequest(chat=request), timeout=300):
+        for delta in json.loads(chunk.tool_calls_json) if chunk.tool_calls_json else []:
+            function = delta.get("function") or {}
+            if function.get("name"):
+                names[delta["index"]] = function["name"]
+            arguments[delta["index"]] = arguments.get(delta["index"], "") + (
+                function.get("arguments") or ""
+            )
+    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
