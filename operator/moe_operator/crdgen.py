@@ -223,6 +223,18 @@ def crd() -> dict[str, Any]:
                             "priority": 1,
                         },
                         {
+                            "name": "Tokens/s",
+                            "type": "number",
+                            "jsonPath": ".status.outputTokensPerSecond",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "$/1M-out",
+                            "type": "number",
+                            "jsonPath": ".status.costPerMillionTokens",
+                            "priority": 1,
+                        },
+                        {
                             "name": "Accelerator",
                             "type": "string",
                             "jsonPath": ".spec.resources.accelerator",

@@ -56,6 +56,9 @@ def test_crd_has_subresources_and_columns() -> None:
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    # `kubectl get moed -o wide`: the live load, rate and cost the operator reads from the app.
+    assert columns["Queue"] == ".status.queueDepth"
+    assert columns["$/1M-out"] == ".status.costPerMillionTokens"
     names = crdgen.crd()["spec"]["names"]
     assert names["shortNames"] == ["moed"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
