@@ -13,7 +13,6 @@ streaming). Schemas and whitespace bias are those of test_agent_workloads.py (se
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from local_app import running_app
 from test_agent_workloads import (
     MAX_TOKENS,
     MESSAGES,
@@ -62,20 +62,8 @@ class Served:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from moe_serving.app import build_app
-    from moe_serving.local import serve_options
-
     family = next(a for a in ARCHITECTURES.values() if a.family == "gemma4")
     model_dir = tiny_models("gemma4")
     config = AppConfig.model_validate(
@@ -95,23 +83,8 @@ def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
         }
     )
     assert config.engine.tool_call_parser == "gemma4"
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-gemma4-agent-tests")
-    try:
-        options = serve_options(http_port, grpc_port, host="127.0.0.1")
-        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
-        serve.run(
-            build_app(config.model_dump(mode="json")),
-            name=config.deployment_name,
-            route_prefix="/",
-            blocking=False,
-        )
-        yield Served(
-            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", _whitespace_bias(model_dir)
-        )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config, "moe-gemma4-agent-tests") as (http, grpc_target):
+        yield Served(http, grpc_target, _whitespace_bias(model_dir))
 
 
 def test_required_tool_choice_gives_schema_valid_calls(served: Served) -> None:

@@ -19,7 +19,6 @@ the answer, after the reasoning ends, and a random model never ends its reasonin
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import grpc
 import jsonschema
 import openai
 import pytest
+from local_app import running_app
 
 from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
@@ -85,20 +85,8 @@ class Served:
         return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from moe_serving.app import build_app
-    from moe_serving.local import serve_options
-
     model_dir = tiny_models("qwen3_moe")
     config = AppConfig.model_validate(
         {
@@ -116,23 +104,8 @@ def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
             "request_timeout_s": 300,
         }
     )
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-agent-tests")
-    try:
-        options = serve_options(http_port, grpc_port, host="127.0.0.1")
-        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
-        serve.run(
-            build_app(config.model_dump(mode="json")),
-            name=config.deployment_name,
-            route_prefix="/",
-            blocking=False,
-        )
-        yield Served(
-            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", _whitespace_bias(model_dir)
-        )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config, "moe-agent-tests") as (http, grpc_target):
+        yield Served(http, grpc_target, _whitespace_bias(model_dir))
 
 
 def _whitespace_bias(model_dir: Path) -> dict[str, int]:

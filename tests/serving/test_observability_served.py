@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from local_app import running_app
 from otlp_receiver import OtlpReceiver
 
 from moe_serving.config import AppConfig
@@ -69,20 +69,8 @@ class Served:
         return httpx.get(f"{self.http}/metrics", timeout=30).text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from moe_serving.app import build_app
-    from moe_serving.local import serve_options
-
     jsonl = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     with OtlpReceiver() as receiver:
         config = AppConfig.model_validate(
@@ -106,27 +94,14 @@ def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 },
             }
         )
-        http_port, grpc_port = _free_port(), _free_port()
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-obs-tests")
-        try:
-            options = serve_options(http_port, grpc_port, host="127.0.0.1")
-            serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
-            serve.run(
-                build_app(config.model_dump(mode="json")),
-                name=config.deployment_name,
-                route_prefix="/",
-                blocking=False,
-            )
+        with running_app(config, "moe-obs-tests") as (http, grpc_target):
             yield Served(
-                f"http://127.0.0.1:{http_port}",
-                f"127.0.0.1:{grpc_port}",
+                http,
+                grpc_target,
                 tiny_gemma4,
                 jsonl,
                 receiver,
             )
-        finally:
-            serve.shutdown()
-            ray.shutdown()
 
 
 def _traceparent() -> tuple[str, str, str]:

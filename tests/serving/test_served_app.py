@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from local_app import running_app
 
 from moe_serving import live_state, oracle
 from moe_serving.config import AppConfig
@@ -65,20 +65,8 @@ class Served:
             time.sleep(0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tiny_gemma4: Path) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from moe_serving.app import build_app
-    from moe_serving.local import serve_options
-
     config = AppConfig.model_validate(
         {
             "deployment_name": "moe-test",
@@ -97,21 +85,8 @@ def served(tiny_gemma4: Path) -> Iterator[Served]:
             "hourly_cost_per_replica_usd": HOURLY_USD,
         }
     )
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-serving-tests")
-    try:
-        options = serve_options(http_port, grpc_port, host="127.0.0.1")
-        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
-        serve.run(
-            build_app(config.model_dump(mode="json")),
-            name=config.deployment_name,
-            route_prefix="/",
-            blocking=False,
-        )
-        yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", tiny_gemma4)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(config, "moe-serving-tests") as (http, grpc_target):
+        yield Served(http, grpc_target, tiny_gemma4)
 
 
 @pytest.fixture(scope="module")
