@@ -392,7 +392,11 @@ class ServingSpec(ApiModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     api_key_secret_ref: SecretKeyRef | None = Field(
-        None, description="When set, HTTP and gRPC require this key (Bearer / x-api-key)."
+        None,
+        description=(
+            "When set, the OpenAI paths and every gRPC method require this key as "
+            "'Authorization: Bearer <key>' (HTTP header or gRPC metadata)."
+        ),
     )
 
     @field_validator("engine_args")
