@@ -60,6 +60,9 @@ class QueueDepth:
     scheduler_waiting: int
     rejected_total: int  # requests refused because the queue was full, since start
     cancelled_total: int  # requests whose caller went away before their end, since start
+    # Requests inside this replica at any stage (parsed, queued, in vLLM, being answered): 0
+    # means every request it took has ended and been counted, cancelled ones included.
+    in_replica: int = 0
 
     @property
     def total(self) -> int:
@@ -218,6 +221,7 @@ class EngineServer:
             scheduler_waiting=self._stats.waiting,
             rejected_total=self.admission.rejected_total,
             cancelled_total=self.cancelled_total,
+            in_replica=self.observer.active,
         )
 
     def live_report(self, replica: str) -> live_state.Report:
@@ -290,6 +294,7 @@ class EngineServer:
             # disconnected" to nobody) after aborting the request; still count it.
             if task is not None and task.cancelling():
                 self.cancelled_total += 1
+                request.cancelled(swallowed=True)
 
     def _parse(self, kind: Kind, body: dict[str, Any]) -> Any:
         from pydantic import ValidationError

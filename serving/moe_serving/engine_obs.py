@@ -54,6 +54,7 @@ class EngineObserver:
         # Since start, for the live-state report (moe_serving.live_state).
         self.generated_tokens_total = 0
         self.requests_total = 0
+        self.active = 0  # requests begun and not yet ended, whatever stage they are at
 
     def environment(self) -> dict[str, str]:
         """Environment for vLLM's processes (set before they start): expert-load directory and
@@ -95,7 +96,9 @@ class EngineObserver:
     def begin(
         self, kind: str, body: Mapping[str, Any], trace_headers: Mapping[str, str] | None
     ) -> EngineRequest:
-        return EngineRequest(self, kind, body, trace_headers)
+        request = EngineRequest(self, kind, body, trace_headers)
+        self.active += 1
+        return request
 
 
 class EngineRequest:
@@ -167,8 +170,9 @@ class EngineRequest:
                 self.outcome = "internal"
                 self.status = 500
 
-    def cancelled(self) -> None:
-        if not self.complete:
+    def cancelled(self, swallowed: bool = False) -> None:
+        """The caller went away. `swallowed`: vLLM answered a body to nobody after aborting."""
+        if swallowed or not self.complete:
             self.outcome = "cancelled"
             self.error = "client went away"
 
@@ -218,6 +222,7 @@ class EngineRequest:
         obs = self.observer
         obs.generated_tokens_total += generated
         obs.requests_total += 1
+        obs.active -= 1
         if obs.metrics is not None:
             obs.metrics.observe(
                 self.outcome,

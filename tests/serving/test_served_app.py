@@ -351,7 +351,7 @@ def _assert_dropped(
     served: Served, before: dict[str, Any], completed_before: float, n: int
 ) -> None:
     """The last `n` requests were cancelled in the replica and left vLLM without completing."""
-    served.wait_depth(lambda d: d["in_engine"] == 0 and d["queued"] == 0)
+    served.wait_depth(lambda d: d["in_engine"] == 0 and d["queued"] == 0 and d["in_replica"] == 0)
     assert served.depth()["cancelled_total"] == before["cancelled_total"] + n
     assert _completed_count(served) == completed_before
 
