@@ -276,6 +276,10 @@ class EngineServer:
             for event in parsed:
                 yield event
             return
+        if self.engine_dead():
+            for event in self._engine_dead_events():
+                yield event
+            return
         task = asyncio.current_task()
         try:
             async with self.admission.slot():
@@ -327,7 +331,13 @@ class EngineServer:
             else:
                 result = await state.openai_serving_chat.create_chat_completion(request, None)
         except Exception as exc:
-            for event in _exception_events(exc):
+            for event in (
+                self._engine_dead_events() if self.engine_dead() else _exception_events(exc)
+            ):
+                yield event
+            return
+        if isinstance(result, ErrorResponse) and self.engine_dead():
+            for event in self._engine_dead_events():
                 yield event
             return
         if isinstance(result, ErrorResponse):
@@ -350,11 +360,32 @@ class EngineServer:
         yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
         try:
             async for chunk in result:
+                if _is_sse_error(chunk) and self.engine_dead():
+                    # vLLM turns the dead engine into a 500 error chunk: say it is retryable.
+                    chunk = f"data: {json.dumps(self._engine_dead_events()[1])}\n\n"
                 yield sse_with_reasoning_content(chunk)
         except Exception as exc:
-            logger.exception("stream failed")
-            payload = json.dumps(error_body(f"internal error: {exc}", 500, "InternalServerError"))
+            if self.engine_dead():
+                payload = json.dumps(self._engine_dead_events()[1])
+            else:
+                logger.exception("stream failed")
+                payload = json.dumps(
+                    error_body(f"internal error: {exc}", 500, "InternalServerError")
+                )
             yield f"data: {payload}\n\n"
+
+    def engine_dead(self) -> bool:
+        """vLLM's engine core process is gone: this replica can never generate again."""
+        return self._engine is not None and bool(self._engine.errored)
+
+    def _engine_dead_events(self) -> list[Event]:
+        # Retryable: the health check fails from now on and Serve replaces this replica.
+        return _error_events(
+            503,
+            "engine_dead",
+            "the engine of the replica serving this request died; it is being replaced, retry",
+            retry_after_s=5,
+        )
 
 
 def with_reasoning_content(body: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +423,10 @@ def _exception_events(exc: Exception) -> list[Event]:
     # A vLLM bug must not take the replica down: report it and keep serving.
     logger.exception("request failed before generation")
     return _error_events(500, "internal", f"internal error: {exc}")
+
+
+def _is_sse_error(chunk: Any) -> bool:
+    return isinstance(chunk, str) and chunk.startswith("data: {") and '"error"' in chunk
 
 
 def _is_empty_prompt(prompt: Any) -> bool:

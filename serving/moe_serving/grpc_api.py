@@ -230,14 +230,15 @@ def error_message(payload: dict[str, Any]) -> str | None:
 
 def error_status(payload: dict[str, Any]) -> int:
     """HTTP status of an OpenAI error body: its own 4xx code (a client error found mid-stream,
-    e.g. a token id out of vocabulary), else 500."""
+    e.g. a token id out of vocabulary) or 503 (retryable: the replica's engine died), else
+    500."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
     try:
         status = int(code) if code is not None else 500
     except (TypeError, ValueError):
         return 500
-    return status if 400 <= status < 500 else 500
+    return status if 400 <= status < 500 or status == 503 else 500
 
 
 def models_response(body: dict[str, Any]) -> pb.ListModelsResponse:

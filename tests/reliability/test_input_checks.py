@@ -43,10 +43,13 @@ def test_lone_surrogates_are_a_client_problem() -> None:
         ({"error": {"message": "Token id 9 is out of vocabulary", "code": 400}}, 400),
         ({"error": {"message": "x", "code": "404"}}, 404),
         ({"error": {"message": "boom", "code": 500}}, 500),
+        ({"error": {"message": "engine died, retry", "code": 503}}, 503),
+        ({"error": {"message": "gateway", "code": 502}}, 500),
         ({"error": {"message": "no code"}}, 500),
         ({"error": {"message": "odd", "code": "n/a"}}, 500),
     ],
 )
 def test_mid_stream_error_status(payload: dict[str, Any], status: int) -> None:
-    # gRPC Generate maps a client error found mid-stream to INVALID_ARGUMENT, not INTERNAL.
+    # gRPC Generate maps a client error found mid-stream to INVALID_ARGUMENT (a dead engine to
+    # UNAVAILABLE), not INTERNAL.
     assert grpc_api.error_status(payload) == status

@@ -4,8 +4,8 @@ One local Ray cluster and one served app (the tiny Gemma-4 MoE, TP=2 + EP=2, a s
 queue of 2 running + 2 waiting, API-key auth on) for the whole module; all traffic on loopback
 through the real HTTP and gRPC proxies. Every loop is bounded in count and in time; every client
 call has a timeout, and a call that hits it is counted as lost (a hang). Each test adds a row of
-figures to the summary table printed at the end (see conftest.py). The replica-death test runs
-last: it restarts the engine.
+figures to the summary table printed at the end (see conftest.py). The replica-death and
+engine-death tests, then the rolling change, run last: each replaces the engine replica.
 """
 
 from __future__ import annotations
@@ -882,11 +882,13 @@ def test_api_key_is_required_on_every_openai_path_and_grpc_method(
 # ---- 5. replica death (last: it restarts the engine) --------------------------------------------
 
 
-def test_replica_death_fails_only_in_flight_requests_and_recovers(
-    served: Served, report: Report
+def _death_under_load(
+    served: Served, report: Report, label: str, kill: Callable[[Replica], list[int]]
 ) -> None:
-    import ray
-
+    """Fill the engine and its queue with long requests (HTTP and gRPC, streaming and not),
+    `kill` part of the replica (it returns the pids that must die with it), then probe until
+    a new replica serves. In flight: clean retryable failures; after: clean refusals until
+    the replacement serves; no process of the old replica left behind."""
     served.wait_depth(lambda d: d["total"] == 0)
     old = engine_replica()
     channel = served.channel()
@@ -905,7 +907,7 @@ def test_replica_death_fails_only_in_flight_requests_and_recovers(
     futures = [pool.submit(f) for f in in_flight]
     served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
 
-    ray.kill(ray.get_actor(old.name, namespace="serve"), no_restart=True)
+    must_die = kill(old)
     killed_at = time.monotonic()
     flight = [f.result(timeout=CALL_TIMEOUT_S + 30) for f in futures]
     pool.shutdown()
@@ -926,14 +928,14 @@ def test_replica_death_fails_only_in_flight_requests_and_recovers(
     probes.append(after_grpc)
     channel.close()
     new = engine_replica() if recovered_s is not None else None
-    # The killed replica's rank processes must not outlive it (bounded wait).
+    # The old replica's processes must not outlive it (bounded wait).
     deadline = time.monotonic() + 60
-    while (orphans := [p for p in (old.pid, *old.children) if psutil.pid_exists(p)]) and (
+    while (orphans := [p for p in must_die if psutil.pid_exists(p)]) and (
         time.monotonic() < deadline
     ):
         time.sleep(1.0)
 
-    row = report.row("5 replica death (ray.kill of the engine replica, 4 in flight)")
+    row = report.row(label)
     _tally(row, flight + probes)
     row.notes += [
         f"in flight at kill: {sum(o.kind != 'ok' for o in flight)} of {len(flight)} failed "
@@ -941,21 +943,66 @@ def test_replica_death_fails_only_in_flight_requests_and_recovers(
         f"probes after kill: {len(probes) - 1}, refused cleanly "
         f"{sum(o.kind == 'rejected' for o in probes)}",
         f"recovered in {recovered_s:.0f}s" if recovered_s is not None else "NOT recovered",
-        f"orphaned rank processes: {len(orphans)}",
+        f"processes of the old replica left: {len(orphans)}",
     ]
     assert not [o for o in flight if o.kind == "lost"], flight  # none hangs
     # In flight at the kill: a retryable 503 + Retry-After / UNAVAILABLE (or an SSE error
     # event saying so), never a bare 500 / INTERNAL.
-    unclear = [
-        o for o in flight if o.kind not in ("ok", "rejected") and "went away" not in o.detail
-    ]
+    unclear = [o for o in flight if o.kind not in ("ok", "rejected") and not _retryable(o)]
     assert not unclear, unclear
     assert recovered_s is not None, probes[-3:]
     unclean = [o for o in probes if o.kind not in ("ok", "rejected")]
     assert not unclean, f"new requests after the kill failed: {unclean[:5]}"
     assert after_grpc.kind == "ok", after_grpc
     assert new is not None and new.name != old.name and new.pid != old.pid
-    assert not orphans, f"rank processes of the killed replica still alive: {orphans}"
+    assert not orphans, f"processes of the old replica still alive: {orphans}"
+
+
+def _retryable(outcome: Outcome) -> bool:
+    """A failure that tells the client to retry: 503 (status or SSE error event), UNAVAILABLE."""
+    detail = outcome.detail
+    return detail.startswith(("503", "UNAVAILABLE")) or '"code": 503' in detail
+
+
+def test_replica_death_fails_only_in_flight_requests_and_recovers(
+    served: Served, report: Report
+) -> None:
+    import ray
+
+    def kill_actor(replica: Replica) -> list[int]:
+        ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=True)
+        return [replica.pid, *replica.children]
+
+    _death_under_load(
+        served, report, "5 replica death (ray.kill of the engine replica, 4 in flight)", kill_actor
+    )
+
+
+def test_engine_process_death_fails_cleanly_and_the_replica_is_replaced(
+    served: Served, report: Report
+) -> None:
+    """vLLM's engine core process dies (OOM killer, a crash) while the replica actor lives:
+    the replica answers 503 / UNAVAILABLE instead of 500s, fails its health check, and Serve
+    replaces it."""
+
+    def kill_engine_core(replica: Replica) -> list[int]:
+        cores = [
+            proc
+            for proc in psutil.Process(replica.pid).children(recursive=True)
+            if "EngineCore" in " ".join(proc.cmdline() or (proc.name(),))
+        ]
+        assert len(cores) == 1, f"no single vLLM engine core under the replica: {cores}"
+        core = cores[0]
+        ranks = [child.pid for child in core.children(recursive=True)]
+        core.kill()
+        return [core.pid, *ranks, replica.pid]
+
+    _death_under_load(
+        served,
+        report,
+        "5b engine process death (SIGKILL of vLLM's engine core, 4 in flight)",
+        kill_engine_core,
+    )
 
 
 # ---- 7. rolling config change -------------------------------------------------------------------
