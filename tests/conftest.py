@@ -1,11 +1,12 @@
 """Suite-wide guards: no leaked engine processes between modules, and a run that cannot exit
 says why instead of stalling CI.
 
-* vLLM's engine core and rank processes are not Ray workers: when Ray stops a replica without
-  letting it shut its engine down (`ray stop --force`, `ray.shutdown()` of a local cluster, a
-  killed actor), they are re-parented to init and keep ~3 GiB each. After every module, such
-  orphans started during that module are killed, so one module's leftovers never squeeze the
-  next one's memory (they did: the raylet then OOM-killed the Serve controller).
+* vLLM's engine core and rank processes are not Ray workers: when Ray stopped a replica without
+  letting it shut its engine down (`ray stop --force`), they were re-parented to init and kept
+  ~3 GiB each. The moe_die_with_parent vLLM plugin now ends them with their replica (tested in
+  tests/reliability); this guard stays as a backstop for anything else vLLM starts: after every
+  module, such orphans started during that module are killed, so one module's leftovers never
+  squeeze the next one's memory (they did: the raylet then OOM-killed the Serve controller).
 * Once pytest has finished, the interpreter still joins non-daemon threads and runs atexit
   handlers; a leak there once kept a finished run alive until CI's time limit. If the process is
   still alive this long after pytest is done, every thread's stack is printed and the run exits

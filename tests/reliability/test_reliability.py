@@ -5,7 +5,8 @@ queue of 2 running + 2 waiting, API-key auth on) for the whole module; all traff
 through the real HTTP and gRPC proxies. Every loop is bounded in count and in time; every client
 call has a timeout, and a call that hits it is counted as lost (a hang). Each test adds a row of
 figures to the summary table printed at the end (see conftest.py). The replica-death and
-engine-death tests, then the rolling change, run last: each replaces the engine replica.
+engine-death tests, then the rolling change, run late: each replaces the engine replica; the
+last test force-stops the Ray cluster.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,6 +173,7 @@ class Served:
     http: str
     grpc_target: str
     config: AppConfig
+    cluster_stopped: bool = False  # a test ended the Ray cluster itself
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.grpc_target)
@@ -294,15 +298,18 @@ def served(tiny_gemma4: Path) -> Iterator[Served]:
     os.environ[KEY_ENV] = KEY
     http_port, grpc_port = _free_port(), _free_port()
     ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-reliability")
+    served: Served | None = None
     try:
         options = serve_options(http_port, grpc_port, host="127.0.0.1")
         serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
         serve.run(
             build_app(config.model_dump(mode="json")), name=APP, route_prefix="/", blocking=False
         )
-        yield Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", config)
+        served = Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", config)
+        yield served
     finally:
-        serve.shutdown()
+        if served is None or not served.cluster_stopped:
+            serve.shutdown()
         ray.shutdown()
         os.environ.pop(KEY_ENV, None)
 
@@ -1086,3 +1093,31 @@ def test_rolling_config_change_under_load_fails_no_request(served: Served, repor
     assert during > 0, "no request was answered while the config rolled"
     not_ok = [o for o in outcomes if o.kind != "ok"]
     assert not_ok == [], not_ok[:5]
+
+
+# ---- 8. Ray force-stopped (last: it ends the cluster) -------------------------------------------
+
+
+def test_force_stopped_ray_leaves_no_engine_process(served: Served, report: Report) -> None:
+    """`ray stop --force` SIGKILLs Ray's processes, the replica's among them, with no chance to
+    shut its engine down. vLLM's engine core and ranks are not Ray's: they must still go (the
+    moe_die_with_parent vLLM plugin), not live on re-parented to init."""
+    replica = engine_replica()
+    engine = list(replica.children)
+    assert engine, "the replica has no vLLM processes to watch"
+    served.cluster_stopped = True  # the fixture must not call into the dead cluster
+    stopped = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "stop", "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    _, alive = psutil.wait_procs(
+        [psutil.Process(pid) for pid in engine if psutil.pid_exists(pid)], 60
+    )
+    row = report.row("8 Ray force-stopped (ray stop --force)")
+    row.notes.append(f"vLLM processes of the replica left: {len(alive)} of {len(engine)}")
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"engine processes outlived the cluster: {alive}"
