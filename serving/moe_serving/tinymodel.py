@@ -21,11 +21,15 @@ Arch = Literal["gemma4", "qwen3_moe", "mixtral"]
 ARCHS: tuple[Arch, ...] = ("gemma4", "qwen3_moe", "mixtral")
 
 # Bumped whenever the recipe changes, so an old checkpoint in `out` is rebuilt, not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _STAMP = "moe_tinymodel.json"
 
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3 in this order
+# Control tokens a family's vLLM parsers look up in the vocabulary (next ids, after the above):
+# vLLM's `mistral` tool parser refuses a tokenizer without `[TOOL_CALLS]`, which Mixtral
+# 8x22B Instruct's tokenizer has (its pre-v11 call format: `[TOOL_CALLS] [{"name": ...}]`).
+FAMILY_TOKENS: dict[str, list[str]] = {"mixtral": ["[TOOL_CALLS]"]}
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
 # A plain role-tagged template: works for every architecture and for vLLM's chat endpoint.
@@ -64,7 +68,7 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def _train_tokenizer(seed: int, out: Path) -> None:
+def _train_tokenizer(seed: int, out: Path, arch: Arch) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,7 +78,7 @@ def _train_tokenizer(seed: int, out: Path) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + FAMILY_TOKENS.get(arch, []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -186,7 +190,7 @@ def make_model(arch: Arch, out: Path, seed: int = 0) -> Path:
     # Build in a sibling temp dir, then swap in: an interrupted run never leaves a half checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _train_tokenizer(seed, tmp)
+        _train_tokenizer(seed, tmp, arch)
         config = _config(arch, VOCAB_SIZE)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

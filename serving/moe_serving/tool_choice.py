@@ -3,9 +3,11 @@
 vLLM constrains decoding for required and named tool choice in one of two ways: parsers with a
 structural tag (hermes, llama, ...) get xgrammar's grammar for their native syntax; parsers
 that declare `supports_required_and_named` get a JSON schema of the calls and vLLM's generic
-JSON handling. Some parsers do neither: vLLM 0.32's `gemma4` and `mistral` parsers leave
-required/named calls to the model's native syntax, unconstrained, so a model that does not
-follow it (any small or fine-tuned one) returns text instead of a call, or invalid arguments.
+JSON handling; a few constrain in their own `adjust_request` (vLLM 0.32's `mistral`: a guided
+JSON schema of its pre-v11 call format, or its grammar on Mistral tokenizers that have one).
+The rest leave required/named calls to the model's native syntax, unconstrained (vLLM 0.32's
+`gemma4`), so a model that does not follow it (any small or fine-tuned one) returns text instead
+of a call, or invalid arguments.
 
 `constrained_parser` registers, under a derived name, a subclass of such a parser that takes
 vLLM's generic JSON path for required/named tool choice (arguments guaranteed to validate
@@ -19,6 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 SUFFIX = "+json-forced"
+# Parsers that declare neither flag but constrain required/named themselves (read in vLLM 0.32's
+# source; tests/serving/test_agent_native_parsers.py checks it on a tiny Mixtral): their own
+# constraint keeps the model's native call format, which a real model follows best.
+CONSTRAIN_THEMSELVES = frozenset({"mistral"})
 
 
 def _forced(request: Any) -> bool:
@@ -27,7 +33,11 @@ def _forced(request: Any) -> bool:
     return choice == "required" or (choice is not None and not isinstance(choice, str))
 
 
-def needs_forcing(parser_cls: type) -> bool:
+def needs_forcing(name: str, parser_cls: type) -> bool:
+    """vLLM would leave required/named calls of this parser unconstrained. Unknown parsers
+    without either flag are forced: a JSON-constrained call beats an unconstrained one."""
+    if name in CONSTRAIN_THEMSELVES:
+        return False
     return not getattr(parser_cls, "supports_required_and_named", True) and (
         getattr(parser_cls, "structural_tag_model", None) is None
     )
@@ -41,7 +51,7 @@ def constrained_parser(name: str | None) -> str | None:
     from vllm.tool_parsers.abstract_tool_parser import ToolParser
 
     base = ToolParserManager.get_tool_parser(name)
-    if not needs_forcing(base):
+    if not needs_forcing(name, base):
         return name
     derived = name + SUFFIX
 

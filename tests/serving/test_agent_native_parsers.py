@@ -1,13 +1,16 @@
-"""Constrained tool calls on the Gemma 4 family: `required` and named tool choice.
+"""`required` and named tool choice on the families whose tool parser vLLM does not constrain
+with a structural tag: Gemma 4 (`gemma4` parser) and Mixtral (`mistral` parser).
 
-vLLM 0.32's `gemma4` tool parser leaves required/named calls to the model's native syntax,
+vLLM 0.32's `gemma4` parser leaves required/named calls to the model's native syntax,
 unconstrained (its adjust_request skips structured output), so a model that does not emit that
-syntax returns text. moe_serving.tool_choice gives vLLM a variant of the parser that takes the
+syntax returns text: moe_serving.tool_choice gives vLLM a variant of the parser that takes the
 JSON-constrained path for required/named and keeps the parser for `auto`; streamed forced calls
-are generated whole and sent as a short stream. This module serves the tiny Gemma-4-style
-checkpoint with the parsers the catalog gives the family (what the operator renders) and checks
-that the calls validate against their schemas over HTTP (streaming and not) and gRPC (unary and
-streaming). Schemas and whitespace bias are those of test_agent_workloads.py (see why there).
+are generated whole and sent as a short stream. The `mistral` parser constrains them itself (a
+guided JSON schema of its pre-v11 format with a Hugging Face tokenizer) and is served as is.
+This module serves each family's tiny checkpoint in turn (one engine at a time) with the parsers
+the catalog gives the family (what the operator renders) and checks that the calls validate
+against their schemas over HTTP (streaming and not) and gRPC (unary and streaming). Schemas and
+whitespace bias are those of test_agent_workloads.py (see why there).
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ from moe_serving.tinymodel import Arch
 
 pytestmark = pytest.mark.engine
 
-MODEL = "tiny-gemma4-agent"
+MODEL = "tiny-agent"
+# Catalog family -> (tiny checkpoint architecture, the tool parser vLLM needs forcing for).
+FAMILIES: dict[str, tuple[Arch, str]] = {
+    "gemma4": ("gemma4", "gemma4"),
+    "mixtral": ("mixtral", "mistral"),
+}
 
 
 @dataclass
@@ -62,28 +70,29 @@ class Served:
         )
 
 
-@pytest.fixture(scope="module")
-def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
-    family = next(a for a in ARCHITECTURES.values() if a.family == "gemma4")
-    model_dir = tiny_models("gemma4")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def served(request: pytest.FixtureRequest, tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
+    arch, parser = FAMILIES[request.param]
+    family = next(a for a in ARCHITECTURES.values() if a.family == request.param)
+    model_dir = tiny_models(arch)
     config = AppConfig.model_validate(
         {
-            "deployment_name": "moe-gemma4-agent-test",
+            "deployment_name": f"moe-{request.param}-agent-test",
             "engine": {
                 "model": str(model_dir),
                 "served_model_name": MODEL,
                 "dtype": "float32",
                 "max_model_len": 2048,
                 "enforce_eager": True,
-                # What the operator fills from the catalog for the Gemma 4 family.
+                # What the operator fills from the catalog for the family.
                 "tool_call_parser": family.tool_call_parser,
                 "reasoning_parser": family.reasoning_parser,
             },
             "request_timeout_s": 300,
         }
     )
-    assert config.engine.tool_call_parser == "gemma4"
-    with running_app(config, "moe-gemma4-agent-tests") as (http, grpc_target):
+    assert config.engine.tool_call_parser == parser
+    with running_app(config, f"moe-{request.param}-agent-tests") as (http, grpc_target):
         yield Served(http, grpc_target, _whitespace_bias(model_dir))
 
 
