@@ -42,7 +42,7 @@ from moe_serving import autoscaling, body_checks, grpc_api, live_state, schemas,
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
 from moe_serving.grpc_servicer import UndecodableRequest, decode
-from moe_serving.metrics import app_metrics_text, replicas_text
+from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.vllm_args import world_size
 
@@ -93,6 +93,8 @@ class LLMEngine:
                 if board is None:
                     board = live_state.board(ctx.app_name)
                 await board.put.remote(self.server.live_report(replica))
+                # For the ingress's /metrics: every replica's series, not only the answering one's.
+                await board.put_metrics.remote(replica, self.server.metrics_text())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the board actor died: make a new one next time
@@ -130,8 +132,10 @@ class LLMEngine:
         """Ray Serve's custom-metrics hook: waiting/running requests for the autoscaling policy."""
         return autoscaling.replica_stats(self.server.queue_depth().as_dict())
 
-    def metrics_text(self) -> str:
-        return self.server.metrics_text()
+    def metrics_text(self) -> dict[str, str]:
+        """This replica's Prometheus text and its Serve replica id (the label it gets)."""
+        replica = str(serve.get_replica_context().replica_id.unique_id)
+        return {"replica": replica, "text": self.server.metrics_text()}
 
     def __del__(self) -> None:
         # Ray Serve calls this after draining in-flight requests (graceful_shutdown_* options).
@@ -347,7 +351,7 @@ class Ingress:
     @fastapi_app.get("/metrics")
     async def http_metrics(self, request: Request) -> Response:
         async def answer() -> Response:
-            engine_text = await self.engine.metrics_text.remote()
+            engine_text = await self._engine_metrics()
             replicas = await asyncio.to_thread(replicas_text, ENGINE_DEPLOYMENT)
             return PlainTextResponse(
                 self.metrics.text() + replicas + await self._app_metrics() + engine_text,
@@ -355,6 +359,19 @@ class Ingress:
             )
 
         return await self._traced_get(request, "/metrics", answer)
+
+    async def _engine_metrics(self) -> str:
+        """Every engine replica's series, labelled `replica`: the one that answers fresh, the
+        others as they last reported to the board (a few seconds old at most)."""
+        fresh = await self.engine.metrics_text.remote()
+        try:
+            texts = await live_state.board(
+                serve.get_replica_context().app_name
+            ).get_metrics.remote()
+        except Exception:  # board not up yet: the answering replica alone
+            texts = {}
+        texts[fresh["replica"]] = fresh["text"]
+        return await asyncio.to_thread(label_replicas, texts)
 
     async def _app_metrics(self) -> str:
         """The application-wide series (all engine replicas' reports; live cost)."""

@@ -115,6 +115,7 @@ class Board:
 
     def __init__(self) -> None:
         self.reports: dict[str, Report] = {}
+        self.metrics: dict[str, tuple[float, str]] = {}  # replica -> (time, Prometheus text)
 
     def put(self, item: Report) -> None:
         self.reports[str(item["replica"])] = item
@@ -125,9 +126,21 @@ class Board:
 
     def drop(self, replica: str) -> None:
         self.reports.pop(replica, None)
+        self.metrics.pop(replica, None)
 
     def get(self) -> dict[str, Report]:
         return dict(self.reports)
+
+    def put_metrics(self, replica: str, text: str) -> None:
+        now = time.time()
+        self.metrics[replica] = (now, text)
+        for key in [k for k, (t, _) in self.metrics.items() if now - t > STALE_AFTER_S]:
+            del self.metrics[key]  # a replica that stopped reporting is gone from /metrics
+
+    def get_metrics(self) -> dict[str, str]:
+        """The latest Prometheus text of every replica that reported lately."""
+        now = time.time()
+        return {k: text for k, (t, text) in self.metrics.items() if now - t <= STALE_AFTER_S}
 
 
 def board(app_name: str) -> Any:

@@ -8,7 +8,8 @@
 * the replica count of the engine deployment, from Ray Serve's status (asked by the ingress).
 
 All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
-`EngineServer.metrics_text()` exposes them together.
+`EngineServer.metrics_text()` exposes them together; the ingress's /metrics shows every
+replica's text at once, each sample labelled with its replica (`label_replicas`).
 """
 
 from __future__ import annotations
@@ -254,4 +255,42 @@ def app_metrics_text(
     registry.register(_Once())
     from prometheus_client import generate_latest
 
+    return generate_latest(registry).decode()
+
+
+def label_replicas(texts: Mapping[str, str], label: str = "replica") -> str:
+    """One exposition of several engine replicas' texts, each sample labelled with its replica.
+
+    Every replica registers the same series (same names, same labels), so without a label a
+    scrape of several would collide; with it, Prometheus sees one series per replica whichever
+    replica answered the scrape, and `sum by (...)` gives the application. A family appears once
+    (first HELP and TYPE seen); a sample that already has `label` keeps it.
+    """
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    merged: dict[str, Metric] = {}
+    for replica in sorted(texts):
+        for family in text_string_to_metric_families(texts[replica]):
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            for sample in family.samples:
+                labels = (
+                    sample.labels if label in sample.labels else {**sample.labels, label: replica}
+                )
+                target.samples.append(
+                    Sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
+                )
+    registry = CollectorRegistry(auto_describe=False)
+
+    class _Merged(Collector):
+        def collect(self) -> Iterator[Any]:
+            yield from merged.values()
+
+    registry.register(_Merged())
     return generate_latest(registry).decode()

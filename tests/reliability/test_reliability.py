@@ -187,13 +187,13 @@ class Served:
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(f"{self.http}/metrics", headers=_auth(), timeout=30).text
-        return {
-            sample.labels["outcome"]: sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "moe_engine_requests"
-            for sample in family.samples
-            if sample.name == "moe_engine_requests_total"
-        }
+        outcomes: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples if family.name == "moe_engine_requests" else ():
+                if sample.name == "moe_engine_requests_total":  # summed over replicas
+                    outcome = sample.labels["outcome"]
+                    outcomes[outcome] = outcomes.get(outcome, 0) + sample.value
+        return outcomes
 
     def wait_depth(self, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 120) -> None:
         """Poll the replica's queue depth until `ok` (a generous bound: only a hang fails)."""

@@ -32,6 +32,7 @@ import yaml
 pytestmark = pytest.mark.engine
 
 _RUNNING = re.compile(r'^moe_serving_replicas\{[^}]*state="[^"]*RUNNING"[^}]*\}\s+([0-9.]+)', re.M)
+_DEPTH_REPLICA = re.compile(r'^moe_replica_queue_depth\{[^}]*replica="([^"]+)"', re.M)
 
 
 def _free_port() -> int:
@@ -194,6 +195,13 @@ def test_real_engine_scales_up_under_queueing_and_back_down_when_idle(app: App) 
         deadline = time.monotonic() + 300
         while served[0] < target and time.monotonic() < deadline and not errors:
             time.sleep(0.5)
+        # One scrape shows both replicas' engine series (each labelled with its replica),
+        # whichever replica answered it.
+        labelled: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(labelled) < 2 and time.monotonic() < deadline:
+            labelled = set(_DEPTH_REPLICA.findall(app.get("/metrics", timeout=30)[1]))
+            time.sleep(1.0)
         stop.set()
         for thread in clients:
             thread.join(timeout=320)
@@ -207,6 +215,7 @@ def test_real_engine_scales_up_under_queueing_and_back_down_when_idle(app: App) 
         timeline.thread.join(timeout=40)
     print(f"autoscaling (real engine): served {served[0]}, replicas timeline {timeline.counts()}")
     assert rising == sorted(rising) and rising[-1] == 2, f"not a rise to 2: {rising}"
+    assert len(labelled) == 2, f"/metrics engine series of {labelled}, not of 2 replicas"
     assert falling == sorted(falling, reverse=True), f"not a fall to 1: {falling}"
     # Bounds over the whole run: never above max, never below min.
     assert max(timeline.counts()) == 2 and min(timeline.counts()) == 1

@@ -335,4 +335,4 @@ def test_request_metrics(served: Served) -> None:
     assert re.search(r"^moe_engine_generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)
     running = re.search(r'^moe_serving_replicas\{[^}]*state="RUNNING"[^}]*\} (\S+)$', text, re.M)
     assert running and float(running.group(1)) == 1
-    assert "moe_replica_queue_depth " in text
+    assert re.search(r'^moe_replica_queue_depth\{replica="[^"]+"\} ', text, re.M)

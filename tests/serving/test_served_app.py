@@ -193,7 +193,8 @@ def test_health_and_metrics(served: Served) -> None:
     assert httpx.get(f"{served.http}/health").status_code == 200
     text = httpx.get(f"{served.http}/metrics").text
     assert re.search(r'^moe_ingress_requests_total\{.*code="200"', text, re.M)
-    assert "moe_replica_queue_depth " in text
+    # Engine series carry the replica that produced them (several replicas never collide).
+    assert re.search(r'^moe_replica_queue_depth\{replica="[^"]+"\} ', text, re.M)
     assert "vllm:num_requests_running" in text
     assert "moe_replica_cancelled_requests_total" in text
 

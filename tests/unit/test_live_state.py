@@ -203,3 +203,19 @@ def test_app_metrics_expose_the_live_cost() -> None:
     idle = app_metrics_text(load, 2, 1.5, 0.0)
     assert "moe_cost_per_million_output_tokens " not in idle
     assert "moe_app_hourly_cost_usd" not in app_metrics_text(load, 2, None, 50)
+
+
+def test_board_keeps_the_metrics_of_replicas_that_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [NOW]
+    monkeypatch.setattr(live_state.time, "time", lambda: clock[0])
+    board = live_state.Board()
+    board.put_metrics("a", "text a")
+    clock[0] += live_state.STALE_AFTER_S / 2
+    board.put_metrics("b", "text b")
+    assert board.get_metrics() == {"a": "text a", "b": "text b"}
+    clock[0] += live_state.STALE_AFTER_S / 2 + 1  # a stopped reporting: its series go
+    assert board.get_metrics() == {"b": "text b"}
+    board.put_metrics("b", "text b2")
+    assert "a" not in board.metrics and board.get_metrics() == {"b": "text b2"}
+    board.drop("b")
+    assert board.get_metrics() == {}
