@@ -266,16 +266,64 @@ class Accelerator:
     k8s_resource: str = "nvidia.com/gpu"
     node_label: str = "nvidia.com/gpu.product"
     node_label_value: str = ""
+    #: The `accelerator_type:<name>` resource Ray's GPU autodetection gives a node with this
+    #: GPU (ray/_private/accelerators/nvidia_gpu.py: "NVIDIA A100-SXM4-80GB" -> "A100"). Ray
+    #: never adds the sized names (A100-40G / A100-80G, ray/util/accelerators/accelerators.py)
+    #: to a node by itself, so bundles asking for them would never be placed.
+    ray_accelerator_type: str = ""
+    #: What NVML reports as the device name (the input of Ray's autodetection), for tests
+    #: and for local clusters that declare what a real node of this kind declares.
+    nvml_name: str = ""
 
 
 #: Prices: indicative on-demand USD per GPU-hour (public cloud list prices, late 2025); users
 #: should set spec.pricing.hourlyPricePerGpu to their own.
 ACCELERATORS: dict[str, Accelerator] = {
-    "A100-40GB": Accelerator("A100-40GB", 40, 1555, 3.67, node_label_value="NVIDIA-A100-SXM4-40GB"),
-    "A100-80GB": Accelerator("A100-80GB", 80, 2039, 4.10, node_label_value="NVIDIA-A100-SXM4-80GB"),
-    "H100-80GB": Accelerator("H100-80GB", 80, 3350, 6.98, node_label_value="NVIDIA-H100-80GB-HBM3"),
-    "H200-141GB": Accelerator("H200-141GB", 141, 4800, 8.50, node_label_value="NVIDIA-H200"),
-    "L40S-48GB": Accelerator("L40S-48GB", 48, 864, 1.96, node_label_value="NVIDIA-L40S"),
+    "A100-40GB": Accelerator(
+        "A100-40GB",
+        40,
+        1555,
+        3.67,
+        node_label_value="NVIDIA-A100-SXM4-40GB",
+        ray_accelerator_type="A100",
+        nvml_name="NVIDIA A100-SXM4-40GB",
+    ),
+    "A100-80GB": Accelerator(
+        "A100-80GB",
+        80,
+        2039,
+        4.10,
+        node_label_value="NVIDIA-A100-SXM4-80GB",
+        ray_accelerator_type="A100",
+        nvml_name="NVIDIA A100-SXM4-80GB",
+    ),
+    "H100-80GB": Accelerator(
+        "H100-80GB",
+        80,
+        3350,
+        6.98,
+        node_label_value="NVIDIA-H100-80GB-HBM3",
+        ray_accelerator_type="H100",
+        nvml_name="NVIDIA H100 80GB HBM3",
+    ),
+    "H200-141GB": Accelerator(
+        "H200-141GB",
+        141,
+        4800,
+        8.50,
+        node_label_value="NVIDIA-H200",
+        ray_accelerator_type="H200",
+        nvml_name="NVIDIA H200",
+    ),
+    "L40S-48GB": Accelerator(
+        "L40S-48GB",
+        48,
+        864,
+        1.96,
+        node_label_value="NVIDIA-L40S",
+        ray_accelerator_type="L40S",
+        nvml_name="NVIDIA L40S",
+    ),
     # Local runs: ranks are CPU processes; memory per rank is a budget, not a device size.
     "CPU": Accelerator("CPU", 8, 50, 0.0, k8s_resource="", node_label=""),
 }

@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None, help="default: spec.serving.httpPort")
     p.add_argument("--grpc-port", type=int, default=None, help="default: spec.serving.grpcPort")
     p.add_argument("--log-dir", default=None, help="where Ray/vLLM logs go")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="run one replica as N data-parallel ranks (experts sharded over them) on a local "
+        "multi-node Ray cluster: a head plus N worker nodes, one rank each",
+    )
     p.add_argument("--trace-console", action="store_true", help="print spans to the console")
     p.add_argument("--trace-file", default=None, help="append spans to this JSONL file")
     p.set_defaults(func=cmd_up)

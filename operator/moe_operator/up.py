@@ -24,7 +24,12 @@ def up(dep: MoEDeployment, args: argparse.Namespace) -> None:
     if getattr(args, "trace_file", None):
         tracing.update(enabled=True, jsonl_path=str(Path(args.trace_file).resolve()))
     t0 = _step(f"preparing {dep.metadata.name}: model {dep.spec.model.source}")
-    run = prepare(dep, model_override=getattr(args, "model", None), tracing_overrides=tracing)
+    run = prepare(
+        dep,
+        model_override=getattr(args, "model", None),
+        tracing_overrides=tracing,
+        nodes=getattr(args, "nodes", None),
+    )
     print(f"    checkpoint {run.model_dir} ({time.monotonic() - t0:.1f}s)")
     print(f"    layout: {run.plan.summary}")
     for note in run.notes:
@@ -36,4 +41,18 @@ def up(dep: MoEDeployment, args: argparse.Namespace) -> None:
 
     from moe_serving.local import run_local
 
-    run_local(run.app, http_port=http_port, grpc_port=grpc_port, log_dir=log_dir)
+    # A replica over several nodes gets a local multi-node Ray cluster, one node per planned
+    # node of every replica (moe_serving.local_cluster).
+    nodes = run.plan.nodes_per_replica * run.plan.initial_replicas
+    if nodes > 1 or run.plan.nodes_per_replica > 1:
+        print(f"    local cluster: {nodes} worker nodes x {run.plan.gpus_per_node} rank(s)")
+    else:
+        nodes = 0
+    run_local(
+        run.app,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        log_dir=log_dir,
+        nodes=nodes,
+        ranks_per_node=run.plan.gpus_per_node,
+    )

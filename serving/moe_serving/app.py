@@ -38,13 +38,13 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import autoscaling, body_checks, grpc_api, live_state, schemas, tracing
+from moe_serving import autoscaling, body_checks, dp_group, grpc_api, live_state, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
 from moe_serving.grpc_servicer import UndecodableRequest, decode
 from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text
 from moe_serving.proto import inference_pb2 as pb
-from moe_serving.vllm_args import world_size
+from moe_serving.vllm_args import dp_cpu_binding, ranks_per_engine
 
 logger = logging.getLogger("ray.serve.moe_serving")
 
@@ -55,14 +55,16 @@ _CONTROL_HEADROOM = 16
 
 
 def engine_bundles(config: AppConfig) -> list[dict[str, float]]:
-    """Placement-group bundles of one engine replica: one per rank, all reserved at once."""
+    """Placement-group bundles of one engine Serve replica: one per rank it runs (TP x PP), all
+    reserved at once. With DP > 1 each DP rank is its own Serve replica (`dp_group`), so DP
+    does not multiply the bundles here: the gang's placement group concatenates them."""
     res = config.resources
     bundle: dict[str, float] = {"CPU": res.num_cpus_per_rank}
     if res.num_gpus_per_rank:
         bundle["GPU"] = res.num_gpus_per_rank
     if res.accelerator_type:
         bundle[f"accelerator_type:{res.accelerator_type}"] = 0.001
-    return [dict(bundle) for _ in range(world_size(config.engine))]
+    return [dict(bundle) for _ in range(ranks_per_engine(config.engine))]
 
 
 def initial_replicas(config: AppConfig) -> int:
@@ -72,12 +74,36 @@ def initial_replicas(config: AppConfig) -> int:
     return max(scaling.min_replicas, 1)
 
 
+def with_dp_rank(config: AppConfig, rank: dp_group.DPRank) -> AppConfig:
+    """The replica's config once it knows its DP rank: vLLM's rank arguments, the bundles its
+    Ray executor takes, and (on the CPU) the core its engine binds to."""
+    engine = config.engine
+    env = {**engine.env, **rank.env()}
+    binding = dp_cpu_binding(engine, rank.rank)
+    if binding is not None:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
+    engine = engine.model_copy(update={"extra": {**engine.extra, **rank.engine_args()}, "env": env})
+    return config.model_copy(update={"engine": engine})
+
+
 class LLMEngine:
     """Ray Serve deployment holding one vLLM engine (one replica = one engine + its ranks)."""
 
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         # Ray Serve awaits an async constructor: the replica is ready once vLLM is.
         self.config = AppConfig.model_validate(config)
+        self.dp_rank = await dp_group.discover(ranks_per_engine(self.config.engine))
+        if self.dp_rank is not None:
+            self.config = with_dp_rank(self.config, self.dp_rank)
+            logger.info(
+                "DP rank %d/%d of gang %s (rendezvous %s:%d, bundles %s)",
+                self.dp_rank.rank,
+                self.dp_rank.size,
+                self.dp_rank.gang_id,
+                self.dp_rank.master_address,
+                self.dp_rank.master_port,
+                self.dp_rank.bundle_indices,
+            )
         self.server = EngineServer(self.config)
         await self.server.start()
         self._live_task = asyncio.get_running_loop().create_task(self._report_live_state())
@@ -85,14 +111,18 @@ class LLMEngine:
     async def _report_live_state(self) -> None:
         """Push this replica's load to the application's board every few seconds (the
         operator reads the sum through the ingress's GET /v1/moe/state)."""
+        import ray
+
         ctx = serve.get_replica_context()
         replica = str(ctx.replica_id.unique_id)
+        node = ray.util.get_node_ip_address()
+        dp_rank = self.dp_rank.rank if self.dp_rank is not None else None
         board = None
         while True:
             try:
                 if board is None:
                     board = live_state.board(ctx.app_name)
-                await board.put.remote(self.server.live_report(replica))
+                await board.put.remote(self.server.live_report(replica, node, dp_rank))
                 # For the ingress's /metrics: every replica's series, not only the answering one's.
                 await board.put_metrics.remote(replica, self.server.metrics_text())
             except asyncio.CancelledError:
@@ -139,6 +169,7 @@ class LLMEngine:
 
     def __del__(self) -> None:
         # Ray Serve calls this after draining in-flight requests (graceful_shutdown_* options).
+        dp_group.forget(getattr(self, "dp_rank", None))
         task = getattr(self, "_live_task", None)
         if task is not None:
             task.cancel()
@@ -381,7 +412,10 @@ class Ingress:
         except Exception:  # board not up yet (no engine replica has reported): no series
             return ""
         running, _ = await asyncio.to_thread(
-            live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT
+            live_state.serve_replicas,
+            ctx.app_name,
+            ENGINE_DEPLOYMENT,
+            self.config.engine.data_parallel_size,
         )
         now = time.time()
         load = live_state.aggregate(reports, now)
@@ -397,7 +431,10 @@ class Ingress:
             ctx = serve.get_replica_context()
             reports = await live_state.board(ctx.app_name).get.remote()
             running, target = await asyncio.to_thread(
-                live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT
+                live_state.serve_replicas,
+                ctx.app_name,
+                ENGINE_DEPLOYMENT,
+                self.config.engine.data_parallel_size,
             )
             body = live_state.state_body(
                 ctx.app_name, ENGINE_DEPLOYMENT, reports, running, target, time.time()
@@ -642,15 +679,36 @@ class Ingress:
 
 
 def engine_deployment_options(config: AppConfig) -> dict[str, Any]:
-    """Ray Serve options of the engine deployment (one replica = one engine with all its ranks)."""
-    return {
-        "name": ENGINE_DEPLOYMENT,
-        # A fixed count, or replicas following queue depth (moe_serving.autoscaling).
-        **autoscaling.replica_count_options(config.autoscaling, config.max_ongoing_requests),
-        # The replica actor holds no rank itself: it sits in the first bundle, free.
-        "ray_actor_options": {"num_cpus": 0},
+    """Ray Serve options of the engine deployment: one Serve replica = one vLLM engine with its
+    TP x PP ranks; with DP > 1, one gang of DP such replicas is one MoEDeployment replica."""
+    dp = config.engine.data_parallel_size
+    placement: dict[str, Any] = {
         "placement_group_bundles": engine_bundles(config),
         "placement_group_strategy": config.resources.placement_strategy,
+    }
+    if dp > 1:
+        from ray.serve.config import GangSchedulingConfig
+
+        # Serve refuses a per-replica strategy beside a gang; the gang packs its bundles.
+        placement = {
+            "placement_group_bundles": engine_bundles(config),
+            "gang_scheduling_config": GangSchedulingConfig(
+                gang_size=dp,
+                gang_placement_strategy="PACK",
+                # A DP group that lost a rank cannot step its MoE layers: restart all of it.
+                runtime_failure_policy="RESTART_GANG",
+            ),
+        }
+    return {
+        "name": ENGINE_DEPLOYMENT,
+        # A fixed count, or replicas following queue depth (moe_serving.autoscaling), counted
+        # in Serve replicas: DP of them per MoEDeployment replica.
+        **autoscaling.replica_count_options(
+            config.autoscaling, config.max_ongoing_requests, gang_size=dp
+        ),
+        # The replica actor holds no rank itself: it sits in its first bundle, free.
+        "ray_actor_options": {"num_cpus": 0},
+        **placement,
         # Our admission queue decides about 503s; Ray must deliver queued requests to it.
         "max_ongoing_requests": (
             config.max_ongoing_requests + config.max_queued_requests + _CONTROL_HEADROOM
@@ -679,9 +737,14 @@ def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+def build(config: AppConfig, engine_cls: type) -> serve.Application:
+    """The application with `engine_cls` as its engine deployment (LLMEngine, or a stand-in
+    with the same constructor and methods in placement tests): same options, same ingress."""
+    config_json = config.model_dump(mode="json")
+    engine = serve.deployment(**engine_deployment_options(config))(engine_cls).bind(config_json)
+    return serve.deployment(**ingress_deployment_options(config))(Ingress).bind(engine, config_json)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve application for the operator's `serveConfigV2` (`args` = `AppConfig` JSON)."""
-    config = AppConfig.model_validate(args)
-    config_json = config.model_dump(mode="json")
-    engine = serve.deployment(**engine_deployment_options(config))(LLMEngine).bind(config_json)
-    return serve.deployment(**ingress_deployment_options(config))(Ingress).bind(engine, config_json)
+    return build(AppConfig.model_validate(args), LLMEngine)

@@ -199,12 +199,16 @@ class QueueDepthPolicy:
         capacity_per_replica: float,
         downscale_headroom: float = 0.8,
         settle_s: float = 0.0,
+        gang_size: int = 1,
     ) -> None:
+        # With DP > 1 Serve counts one replica per DP rank; decide() counts whole DP groups,
+        # whose capacity is that of all their ranks.
+        self.gang = max(int(gang_size), 1)
         self.settings = Settings(
             target_queue_depth=target_queue_depth,
             upscale_delay_s=upscale_delay_s,
             downscale_delay_s=downscale_delay_s,
-            capacity_per_replica=capacity_per_replica,
+            capacity_per_replica=capacity_per_replica * self.gang,
             downscale_headroom=downscale_headroom,
             settle_s=settle_s,
         )
@@ -213,30 +217,32 @@ class QueueDepthPolicy:
         metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
         waiting = metrics.get(WAITING, {})
         running = metrics.get(RUNNING, {})
+        g = self.gang
+        running_serve = len(waiting) if waiting else int(ctx.current_num_replicas)
         obs = Observation(
-            replicas=int(ctx.target_num_replicas),
-            running_replicas=len(waiting) if waiting else int(ctx.current_num_replicas),
+            replicas=int(ctx.target_num_replicas) // g,
+            running_replicas=running_serve // g,
             router_waiting=float(ctx.total_queued_requests or 0.0),
             waiting=float(sum(waiting.values())),
             running=float(sum(running.values())),
-            min_replicas=int(ctx.capacity_adjusted_min_replicas),
-            max_replicas=int(ctx.capacity_adjusted_max_replicas),
+            min_replicas=int(ctx.capacity_adjusted_min_replicas) // g,
+            max_replicas=int(ctx.capacity_adjusted_max_replicas) // g,
         )
         now = float(ctx.current_time) if ctx.current_time is not None else 0.0
         desired, state = decide(self.settings, obs, now, State.from_dict(ctx.policy_state or {}))
-        return desired, state.as_dict()
+        return desired * g, state.as_dict()
 
 
 def serve_autoscaling_config(
-    args: Any, capacity_per_replica: int, initial_replicas: int
+    args: Any, capacity_per_replica: int, initial_replicas: int, gang_size: int = 1
 ) -> dict[str, Any]:
     """Serve's `autoscaling_config` for an `AutoscalingArgs` (our policy, Serve's delays off)."""
     from ray.serve.config import AutoscalingPolicy
 
     config: dict[str, Any] = {
-        "min_replicas": args.min_replicas,
-        "max_replicas": max(args.max_replicas, args.min_replicas),
-        "initial_replicas": initial_replicas,
+        "min_replicas": args.min_replicas * gang_size,
+        "max_replicas": max(args.max_replicas, args.min_replicas) * gang_size,
+        "initial_replicas": initial_replicas * gang_size,
         # Our policy applies the spec's delays (with hysteresis); Serve's would add to them.
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,
@@ -250,6 +256,7 @@ def serve_autoscaling_config(
                 "downscale_delay_s": args.downscale_delay_s,
                 "capacity_per_replica": capacity_per_replica,
                 "settle_s": args.look_back_period_s,
+                "gang_size": gang_size,
             },
         ),
     }
@@ -258,12 +265,22 @@ def serve_autoscaling_config(
     return config
 
 
-def replica_count_options(args: Any, capacity_per_replica: int) -> dict[str, Any]:
-    """Serve deployment options for the replica count: fixed, or our autoscaling policy."""
+def replica_count_options(
+    args: Any, capacity_per_replica: int, gang_size: int = 1
+) -> dict[str, Any]:
+    """Serve deployment options for the replica count: fixed, or our autoscaling policy.
+
+    `args` counts MoEDeployment replicas; with `gang_size` > 1 (one Serve replica per DP rank)
+    Serve counts `gang_size` replicas for each, and the policy decides in whole gangs.
+    """
     initial = args.initial_replicas
     if initial is None:
         initial = max(args.min_replicas, 1)
     if args.min_replicas == args.max_replicas and args.min_replicas > 0:
-        return {"num_replicas": args.min_replicas}
+        return {"num_replicas": args.min_replicas * gang_size}
     initial = min(max(initial, args.min_replicas), max(args.max_replicas, args.min_replicas))
-    return {"autoscaling_config": serve_autoscaling_config(args, capacity_per_replica, initial)}
+    return {
+        "autoscaling_config": serve_autoscaling_config(
+            args, capacity_per_replica, initial, gang_size
+        )
+    }

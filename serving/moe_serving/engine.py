@@ -224,13 +224,17 @@ class EngineServer:
             in_replica=self.observer.active,
         )
 
-    def live_report(self, replica: str) -> live_state.Report:
+    def live_report(
+        self, replica: str, node: str | None = None, dp_rank: int | None = None
+    ) -> live_state.Report:
         """This replica's load and counters for the application's live state."""
         return live_state.report(
             replica,
             self.queue_depth().as_dict(),
             self.observer.generated_tokens_total,
             self.observer.requests_total,
+            node=node,
+            dp_rank=dp_rank,
         )
 
     def metrics_text(self) -> str:

@@ -25,10 +25,20 @@ STATE_VERSION = 1
 Report = dict[str, Any]
 
 
-def report(replica: str, depth: Mapping[str, int], generated_tokens: int, requests: int) -> Report:
-    """One engine replica's report: its queue depth and counters since it started."""
+def report(
+    replica: str,
+    depth: Mapping[str, int],
+    generated_tokens: int,
+    requests: int,
+    node: str | None = None,
+    dp_rank: int | None = None,
+) -> Report:
+    """One engine replica's report: its queue depth and counters since it started, and where
+    it runs (node IP; DP rank when it is one rank of a data-parallel group)."""
     return {
         "replica": replica,
+        "node": node,
+        "dp_rank": dp_rank,
         "time": time.time(),
         "queued": int(depth.get("queued", 0)),
         "in_engine": int(depth.get("in_engine", 0)),
@@ -55,6 +65,15 @@ def aggregate(reports: Mapping[str, Report], now: float) -> dict[str, Any]:
     }
 
 
+def engines(reports: Mapping[str, Report], now: float) -> list[dict[str, Any]]:
+    """Where each engine replica with a fresh report runs (node IP, DP rank), by replica id."""
+    fresh = [r for r in reports.values() if now - float(r.get("time", 0)) <= STALE_AFTER_S]
+    return [
+        {"replica": str(r["replica"]), "node": r.get("node"), "dp_rank": r.get("dp_rank")}
+        for r in sorted(fresh, key=lambda r: str(r["replica"]))
+    ]
+
+
 def state_body(
     app: str,
     deployment: str,
@@ -72,6 +91,7 @@ def state_body(
         "deployment": deployment,
         "replicas": {"running": running_replicas, "target": target_replicas},
         "load": load,
+        "engines": engines(reports, now),
     }
 
 
@@ -164,8 +184,11 @@ def board(app_name: str) -> Any:
     )
 
 
-def serve_replicas(app_name: str, deployment: str) -> tuple[int | None, int | None]:
-    """(running, target) replicas of a deployment, from the Serve controller.
+def serve_replicas(
+    app_name: str, deployment: str, gang_size: int = 1
+) -> tuple[int | None, int | None]:
+    """(running, target) replicas of a deployment, from the Serve controller, in units of
+    `gang_size` Serve replicas (one MoEDeployment replica is a gang of DP ranks).
 
     The controller's instance details are what the dashboard's Serve REST API
     (`GET /api/serve/applications/`) returns; the autoscaler's target is only there.
@@ -181,17 +204,20 @@ def serve_replicas(app_name: str, deployment: str) -> tuple[int | None, int | No
         )
     except Exception:  # controller restarting, or an older Ray: no replica numbers
         return None, None
-    return replica_counts(details, app_name, deployment)
+    return replica_counts(details, app_name, deployment, gang_size)
 
 
 def replica_counts(
-    details: Mapping[str, Any], app_name: str, deployment: str
+    details: Mapping[str, Any], app_name: str, deployment: str, gang_size: int = 1
 ) -> tuple[int | None, int | None]:
-    """(running, target) from a ServeInstanceDetails dict (pure)."""
+    """(running, target) from a ServeInstanceDetails dict (pure). With `gang_size` > 1 whole
+    gangs are counted (Serve's replica details name no gang; a gang that lost a rank is torn
+    down and restarted whole, RESTART_GANG, so its survivors do not stay RUNNING for long)."""
     app = (details.get("applications") or {}).get(app_name) or {}
     dep = (app.get("deployments") or {}).get(deployment)
     if not dep:
         return None, None
     running = sum(1 for r in dep.get("replicas") or [] if r.get("state") == "RUNNING")
     target = dep.get("target_num_replicas")
-    return running, int(target) if target is not None else None
+    gang = max(gang_size, 1)
+    return running // gang, int(target) // gang if target is not None else None

@@ -137,12 +137,18 @@ def run_local(
     log_dir: Path,
     ready_callback: Callable[[LocalEndpoints], None] | None = None,
     host: str = "127.0.0.1",
+    nodes: int = 0,
+    ranks_per_node: int = 1,
 ) -> None:
     """Serve `app` locally until Ctrl-C or SIGTERM, then shut everything down.
 
     Starts a local Ray cluster (its log and vLLM's go to `<log_dir>/serve.log`, whose path is
     printed), starts Ray Serve's HTTP and gRPC proxies, deploys `build_app`, prints the
     endpoints and calls `ready_callback(endpoints)` once the engine answers.
+
+    `nodes` > 0: a multi-node Ray cluster on this machine instead (`local_cluster`): a head
+    that takes no rank (0 CPUs: Serve's controller, proxy and ingress need none) and `nodes`
+    worker nodes of `ranks_per_node` CPUs, so each engine rank lands on a worker node.
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +159,16 @@ def run_local(
     try:
         with _output_to(log_file) as terminal:
             _serve_until_stopped(
-                app, http_port, grpc_port, host, log_file, terminal, stop, ready_callback
+                app,
+                http_port,
+                grpc_port,
+                host,
+                log_file,
+                terminal,
+                stop,
+                ready_callback,
+                nodes,
+                ranks_per_node,
             )
     finally:
         for sig, handler in previous.items():
@@ -169,23 +184,43 @@ def _serve_until_stopped(
     terminal: TextIO,
     stop: _Stopper,
     ready_callback: Callable[[LocalEndpoints], None] | None,
+    nodes: int = 0,
+    ranks_per_node: int = 1,
 ) -> None:
     import ray
     from ray import serve
 
     from moe_serving.app import build_app
+    from moe_serving.local_cluster import LocalCluster, NodeShape
 
     console = _Console(terminal)
+    cluster: LocalCluster | None = None
     try:
-        with console.step("Starting Ray"):
-            ray.init(include_dashboard=False, log_to_driver=True, namespace="moe-local")
+        if nodes > 0:
+            with console.step(f"Starting a local Ray cluster: a head and {nodes} worker nodes"):
+                cluster = LocalCluster(
+                    [NodeShape(num_cpus=ranks_per_node)] * nodes, head=NodeShape(num_cpus=0)
+                ).start()
+                ray.init(address=cluster.address, log_to_driver=True, namespace="moe-local")
+                cluster.wait_for_nodes()
+            for node in cluster.nodes:
+                console.say(f"  worker node {node.ip}: {ranks_per_node} rank(s)")
+        else:
+            with console.step("Starting Ray"):
+                ray.init(include_dashboard=False, log_to_driver=True, namespace="moe-local")
         stop.install()  # ray.init replaced the SIGTERM handler with one that just exits
         options = serve_options(http_port, grpc_port, host=host)
-        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
+        serve.start(
+            # One machine's ports: only the head's proxy can bind them.
+            proxy_location="HeadOnly" if cluster is not None else "EveryNode",
+            http_options=options["http_options"],
+            grpc_options=options["grpc_options"],
+        )
         console.say(f"Ray Serve proxies on {host}:{http_port} (HTTP) and {host}:{grpc_port} (gRPC)")
         engine = app.engine
         with console.step(
             f"Loading the engine ({engine.model}, TP={engine.tensor_parallel_size}, "
+            f"DP={engine.data_parallel_size}, "
             f"EP={'on' if engine.enable_expert_parallel else 'off'})"
         ):
             serve.run(
@@ -224,4 +259,6 @@ def _serve_until_stopped(
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
         console.say("Stopped.")

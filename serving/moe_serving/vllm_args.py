@@ -19,8 +19,14 @@ class EngineArgsError(ValueError):
 
 
 def world_size(engine: EngineArgs) -> int:
-    """Engine ranks (processes) one replica runs: TP x PP x DP."""
+    """Engine ranks (processes) of one MoEDeployment replica: TP x PP x DP."""
     return engine.tensor_parallel_size * engine.pipeline_parallel_size * engine.data_parallel_size
+
+
+def ranks_per_engine(engine: EngineArgs) -> int:
+    """Ranks one vLLM engine (one Serve replica) runs: TP x PP. With DP > 1 there is one
+    engine per DP rank (`moe_serving.dp_group`)."""
+    return engine.tensor_parallel_size * engine.pipeline_parallel_size
 
 
 def engine_kwargs(engine: EngineArgs) -> dict[str, Any]:
@@ -88,6 +94,21 @@ def cpu_thread_binding(ranks: int, cpus: list[int]) -> str:
     share = len(cpus) // ranks
     groups = [sorted(cpus)[r * share : (r + 1) * share] for r in range(ranks)]
     return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
+def dp_cpu_binding(engine: EngineArgs, dp_rank: int) -> str | None:
+    """On a CPU build, the cores DP rank `dp_rank` binds its single engine rank to: its own
+    share of this machine's cores (ranks of a local multi-node cluster share one machine), so
+    the DP ranks do not compete for one core. None where nothing needs binding."""
+    if ranks_per_engine(engine) != 1 or engine.data_parallel_size < 2:
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    groups = cpu_thread_binding(min(engine.data_parallel_size, len(cpus)), cpus).split("|")
+    return groups[dp_rank % len(groups)]
 
 
 def cpu_env_defaults(engine: EngineArgs) -> dict[str, str]:

@@ -104,7 +104,12 @@ def test_cpu_thread_binding_gives_each_rank_its_cores() -> None:
         cpu_thread_binding(4, [0, 1])
 
 
-def test_bundles_hold_every_rank_of_a_replica() -> None:
+def test_bundles_hold_the_ranks_of_one_engine_and_dp_ranks_are_a_gang() -> None:
+    """With DP > 1 each DP rank is its own Serve replica (one vLLM engine, its TP x PP
+    bundles) and the DP group is a Serve gang, as Ray Serve LLM's DPServer deploys it
+    (ray/llm/_internal/serve/serving_patterns/data_parallel/dp_server.py,
+    `get_deployment_options`): replica counts are multiplied by DP, the per-replica
+    placement strategy is dropped (Serve refuses it beside a gang)."""
     config = AppConfig.model_validate(
         {
             "engine": {
@@ -118,8 +123,45 @@ def test_bundles_hold_every_rank_of_a_replica() -> None:
         }
     )
     assert world_size(config.engine) == 4
-    assert engine_bundles(config) == [{"CPU": 1, "GPU": 1, "accelerator_type:L4": 0.001}] * 4
+    assert engine_bundles(config) == [{"CPU": 1, "GPU": 1, "accelerator_type:L4": 0.001}] * 2
     assert initial_replicas(config) == 2
+    opts = engine_deployment_options(config)
+    gang = opts["gang_scheduling_config"]
+    assert (gang.gang_size, gang.gang_placement_strategy, gang.runtime_failure_policy) == (
+        2,
+        "PACK",
+        "RESTART_GANG",
+    )
+    assert "placement_group_strategy" not in opts
+    auto = opts["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["initial_replicas"]) == (4, 8, 4)
+    assert auto["policy"].policy_kwargs["gang_size"] == 2
+    # Serve itself accepts these options (its DeploymentConfig validates gang vs counts).
+    from ray import serve
+
+    serve.deployment(**opts)(type("E", (), {}))
+    fixed = AppConfig.model_validate(
+        {**config.model_dump(), "autoscaling": {"min_replicas": 3, "max_replicas": 3}}
+    )
+    assert engine_deployment_options(fixed)["num_replicas"] == 6
+
+
+def test_dp_rank_config_gives_vllm_its_rank_and_bundles() -> None:
+    from moe_serving.app import with_dp_rank
+    from moe_serving.dp_group import DPRank
+
+    config = _config(tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True)
+    rank = DPRank(1, 2, "g1", "10.0.0.5", 4242, "n0", "pg", (2, 3))
+    ranked = with_dp_rank(config, rank)
+    assert ranked.engine.extra == {
+        "data_parallel_rank": 1,
+        "data_parallel_address": "10.0.0.5",
+        "data_parallel_rpc_port": 4242,
+    }
+    assert ranked.engine.env["VLLM_RAY_BUNDLE_INDICES"] == "2,3"
+    # vLLM's own parser knows these arguments: rank 1 of 2 is vLLM's external-LB DP mode.
+    args = build_namespace(ranked.engine)
+    assert (args.data_parallel_rank, args.data_parallel_size) == (1, 2)
 
 
 def test_serve_options_name_the_grpc_servicer() -> None:

@@ -391,6 +391,7 @@ def test_autoscaling_config_carries_the_spec() -> None:
         "downscale_delay_s": 70.0,
         "capacity_per_replica": 8,
         "settle_s": 4.0,
+        "gang_size": 1,
     }
     # What Serve instantiates in the controller: our class with those kwargs.
     policy = parsed.policy.get_policy()(**parsed.policy.policy_kwargs)
@@ -438,3 +439,32 @@ def test_policy_reads_serve_context_and_keeps_state() -> None:
     idle.policy_state = state
     desired, state = policy(idle)
     assert desired == 3 and state["moe_direction"] == -1  # down is wanted, delay running
+
+
+def test_gangs_scale_as_whole_dp_groups() -> None:
+    """With one Serve replica per DP rank, Serve counts DP replicas per MoEDeployment replica;
+    the policy decides in whole groups (each with all its ranks' capacity) and answers a
+    multiple of the gang size (Serve refuses counts that split a gang:
+    ray/serve/_private/deployment_scheduler.py, `_prepare_gangs_for_deployment`)."""
+    policy = autoscaling.QueueDepthPolicy(2, 0, 10, 4, gang_size=2)
+    ctx = _Ctx(
+        aggregated_metrics={
+            "waiting": {"r1": 5.0, "r2": 5.0},
+            "running": {"r1": 4.0, "r2": 4.0},
+        },
+        target_num_replicas=2,
+        current_num_replicas=2,
+        total_queued_requests=2.0,
+        capacity_adjusted_min_replicas=2,
+        capacity_adjusted_max_replicas=10,
+        current_time=100.0,
+        policy_state={},
+    )
+    desired, _ = policy(ctx)
+    # 20 in flight over groups of 8 running + 2 waiting -> 2 groups = 4 Serve replicas.
+    assert desired == 4
+    assert desired % 2 == 0
+    fixed = autoscaling.replica_count_options(
+        _config(min_replicas=2, max_replicas=2).autoscaling, 8, gang_size=4
+    )
+    assert fixed == {"num_replicas": 8}

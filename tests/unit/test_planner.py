@@ -124,19 +124,33 @@ def test_unknown_architecture_lists_the_catalog() -> None:
         plan(spec(model={"name": "x", "source": "hf://someone/unknown-moe"}))
 
 
-def test_cpu_refuses_data_parallel() -> None:
-    with pytest.raises(PlanningError, match="not supported on the CPU"):
-        plan(
-            spec(
-                model={
-                    "name": "t",
-                    "source": "hf://google/gemma-4-26B-A4B-it",
-                    "maxModelLen": 1024,
-                },
-                resources={"accelerator": "CPU", "gpusPerNode": 2, "memory": "512Gi"},
-                parallelism={"tensorParallelSize": 1, "dataParallelSize": 2},
-            )
+def test_cpu_plans_data_parallel_only_when_asked() -> None:
+    """DP + EP runs on the CPU with the project's vLLM plugin (cpu_comm_fix), one DP rank per
+    node of a local multi-node cluster; an automatic CPU plan still keeps DP at 1."""
+    cpu = {"name": "t", "source": "hf://google/gemma-4-26B-A4B-it", "maxModelLen": 1024}
+    asked = plan(
+        spec(
+            model=cpu,
+            resources={
+                "accelerator": "CPU",
+                "gpusPerNode": 1,
+                "maxNodesPerReplica": 2,
+                "memory": "512Gi",
+            },
+            parallelism={"tensorParallelSize": 1, "dataParallelSize": 2},
         )
+    )
+    assert (asked.data_parallel_size, asked.expert_parallel_size) == (2, 2)
+    assert (asked.nodes_per_replica, asked.gpus_per_node) == (2, 1)
+    assert [p.node for p in asked.placement] == [0, 1]
+    auto = plan(
+        spec(
+            model=cpu,
+            resources={"accelerator": "CPU", "gpusPerNode": 2, "memory": "512Gi"},
+            parallelism={"tensorParallelSize": 1},
+        )
+    )
+    assert auto.data_parallel_size == 1
 
 
 def test_expert_parallel_off_shards_experts_with_tp() -> None:
