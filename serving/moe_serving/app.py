@@ -178,6 +178,34 @@ class LLMEngine:
             server.shutdown()
 
 
+class _EngineAvailability:
+    """Whether any whole engine replica runs, from the Serve controller, read at most once a
+    second. Serve's handle would hold a request while no replica runs (right for scale-to-zero,
+    where one is starting); when replicas are wanted but none runs (a node of a multi-node
+    replica was lost and its gang waits to be placed again) clients get a prompt retryable
+    refusal instead of a wait until their deadline."""
+
+    TTL_S = 1.0
+
+    def __init__(self, gang_size: int, min_replicas: int) -> None:
+        self.gang_size = gang_size
+        self.min_replicas = min_replicas
+        self.checked = 0.0
+        self.running: int | None = None
+
+    async def none_running(self) -> bool:
+        if self.min_replicas == 0:
+            return False  # scale to zero: a request waits for the replica it starts
+        now = time.monotonic()
+        if now - self.checked > self.TTL_S:
+            self.checked = now
+            ctx = serve.get_replica_context()
+            self.running, _ = await asyncio.to_thread(
+                live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT, self.gang_size
+            )
+        return self.running == 0
+
+
 # `serve.ingress` freezes (pickles) the FastAPI app when the class below is defined, so every
 # module-level helper its routes use must be defined above it.
 fastapi_app = FastAPI(title="MoE serving", docs_url=None, redoc_url=None)
@@ -300,6 +328,9 @@ class Ingress:
         self.timeout_s = self.config.request_timeout_s
         self.metrics = _Metrics()
         self.token_rate = live_state.RateWindow()  # between /metrics scrapes (live cost)
+        self.availability = _EngineAvailability(
+            self.config.engine.data_parallel_size, self.config.autoscaling.min_replicas
+        )
         self.tracing = tracing.process_tracing(
             self.config.tracing, f"{self.config.deployment_name}-ingress", {}
         )
@@ -340,6 +371,13 @@ class Ingress:
         """Start the engine request; returns (head, remaining events, the handle generator)."""
         from ray.serve.exceptions import BackPressureError
 
+        if await self.availability.none_running():
+            raise _ClientError(
+                503,
+                "no engine replica is running (being replaced, or waiting for its nodes); retry",
+                retry_after_s=5,
+                reason="no_replica",
+            )
         gen = cast(
             DeploymentResponseGenerator[Any],
             self.engine.options(stream=True).openai.remote(
