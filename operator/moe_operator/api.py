@@ -104,6 +104,17 @@ class ApiModel(BaseModel):
         """The model as it appears in a manifest (camelCase, unset optionals dropped)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # The API server prunes a null of a field that is not nullable (none is: crdgen) and
+        # then applies the default: so does this, so `kubectl apply` and Python agree.
+        # An unknown key stays, null or not, so it is still refused as unknown.
+        if isinstance(data, dict):
+            known = {n for name, f in cls.model_fields.items() for n in (name, f.alias)}
+            return {k: v for k, v in data.items() if v is not None or k not in known}
+        return data
+
     @model_validator(mode="after")
     def _check_rules(self) -> Self:
         for rule in self.RULES:
