@@ -6,7 +6,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint format bench crds proto check-generated clean
+.PHONY: install run test test-fast lint format bench crds proto check-generated clean images
+
+# Container images: `make images IMAGE_REPO=registry.example.com/team TAG=0.1.0`, then push both
+# (README: "Building the images"). Defaults match the chart's and the MoEDeployment's defaults.
+IMAGE_REPO ?= ghcr.io/moe-operator
+TAG ?= 0.1.0
+DOCKER ?= docker
+OPERATOR_IMAGE := $(IMAGE_REPO)/moe-operator:$(TAG)
+SERVING_IMAGE := $(IMAGE_REPO)/moe-serving:$(TAG)
 
 install: $(STAMP)
 
@@ -49,6 +57,23 @@ proto: install
 
 bench: install
 	$(PY) bench/run.py
+
+# Needs only a Docker engine (not .venv): the images install the project themselves.
+images:
+	@if ! command -v $(DOCKER) >/dev/null 2>&1; then \
+		echo "make images: '$(DOCKER)' not found. Install Docker, or run this on a machine that has it" \
+			"(DOCKER=podman works too); images/*.Dockerfile build from the project root." >&2; \
+		exit 1; \
+	fi
+	@if ! $(DOCKER) info >/dev/null 2>&1; then \
+		echo "make images: '$(DOCKER) info' fails: no Docker engine is reachable here. Start it" \
+			"(e.g. 'sudo systemctl start docker') or build on a machine with one." >&2; \
+		exit 1; \
+	fi
+	$(DOCKER) build -f images/operator.Dockerfile -t $(OPERATOR_IMAGE) .
+	$(DOCKER) build -f images/serving.Dockerfile -t $(SERVING_IMAGE) .
+	@echo "built $(OPERATOR_IMAGE) and $(SERVING_IMAGE)"
+	@echo "push: $(DOCKER) push $(OPERATOR_IMAGE) && $(DOCKER) push $(SERVING_IMAGE)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

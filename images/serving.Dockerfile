@@ -1,5 +1,6 @@
 # Serving image for head and worker pods: Ray + CUDA vLLM + moe_serving.
-# Build from the project root:  docker build -f images/serving.Dockerfile -t moe-serving:0.1.0 .
+# Build from the project root: `make images` (IMAGE_REPO=..., TAG=...; README "Building the images"),
+# or docker build -f images/serving.Dockerfile -t moe-serving:0.1.0 .
 # (Not built in this repository's CI: the development machines have no Docker engine or GPU.)
 # Use the plain `vllm` wheel here (CUDA); never `ray[llm]`, whose pin may replace it.
 FROM rayproject/ray:2.60.0-py311-cu128

@@ -9,7 +9,9 @@ in a manifest is an error that names the field instead of a silently ignored set
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -20,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from moe_operator.quantity import QUANTITY_MESSAGE, cel_rule, is_quantity
 
 GROUP = "serving.moeoperator.io"
 VERSION = "v1alpha1"
@@ -35,24 +39,34 @@ LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "moe-operator"
 
-# signedNumber + suffix (binary SI, decimal SI or a decimal exponent), as the API server parses it.
-_QUANTITY = re.compile(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SOURCE = re.compile(r"^(hf://[^/@\s]+/[^/@\s]+(@[^@\s]+)?|s3://[^/\s]+/\S*|pvc://[^/\s]+(/\S*)?)$")
 _LOCAL_SOURCE = re.compile(r"^(/|\./|\.\./|file://|tiny://)\S*$")
 
 
-def _quantity(value: str | int) -> str:
-    if isinstance(value, bool):
-        raise ValueError(
-            "must be a Kubernetes quantity such as '16', '500m' or '64Gi', not a boolean"
-        )
-    value = str(value)
-    if not _QUANTITY.match(value):
-        raise ValueError(
-            f"{value!r} is not a Kubernetes quantity; write e.g. '16', '500m', '64Gi' or '1.5Ti'"
-        )
-    return value
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field validation rule, declared once for the CRD and for Python.
+
+    `cel` goes into the CRD's `x-kubernetes-validations` (the API server evaluates it on the
+    wire object, camelCase, defaults applied); `holds` is the same predicate on the validated
+    model, run by `ApiModel`'s validator; both report `message`. tests/unit/test_cel.py
+    evaluates the CEL on the examples and on generated specs and asserts both sides agree.
+    """
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def _validations(*rules: Rule) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": r.cel, "message": r.message} for r in rules]}
+
+
+def _quantity(value: Any) -> str:
+    if not is_quantity(value):
+        raise ValueError(f"{value!r} is not a valid quantity: {QUANTITY_MESSAGE}")
+    return str(value)
 
 
 Quantity = Annotated[
@@ -61,13 +75,7 @@ Quantity = Annotated[
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": "type(self) == int || self.matches("
-                    "'^[+]?[0-9]*[.]?[0-9]+([eE][-+]?[0-9]+|[numkMGTPE]i?|Ki)?$')",
-                    "message": "must be a Kubernetes quantity such as 16, 500m or 64Gi",
-                }
-            ],
+            "x-kubernetes-validations": [{"rule": cel_rule(), "message": QUANTITY_MESSAGE}],
         }
     ),
 ]
@@ -89,9 +97,30 @@ class ApiModel(BaseModel):
         strict=True,
     )
 
+    #: Cross-field rules of this model; the CRD carries them as CEL (see `Rule`).
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
     def to_wire(self) -> dict[str, Any]:
         """The model as it appears in a manifest (camelCase, unset optionals dropped)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # The API server prunes a null of a field that is not nullable (none is: crdgen) and
+        # then applies the default: so does this, so `kubectl apply` and Python agree.
+        # An unknown key stays, null or not, so it is still refused as unknown.
+        if isinstance(data, dict):
+            known = {n for name, f in cls.model_fields.items() for n in (name, f.alias)}
+            return {k: v for k, v in data.items() if v is not None or k not in known}
+        return data
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in self.RULES:
+            if not rule.holds(self):
+                raise ValueError(rule.message)
+        return self
 
 
 # --------------------------------------------------------------------------------------- model
@@ -268,20 +297,19 @@ class ResourcesSpec(ApiModel):
 class AutoscalingSpec(ApiModel):
     """Replicas follow queue depth (requests waiting at the router and in vLLM)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.minReplicas <= self.maxReplicas",
-                    "message": "minReplicas must not exceed maxReplicas",
-                },
-                {
-                    "rule": "self.minReplicas >= 1 || self.scaleToZero",
-                    "message": "minReplicas 0 needs scaleToZero: true",
-                },
-            ]
-        }
+    RULES = (
+        Rule(
+            "self.minReplicas <= self.maxReplicas",
+            "minReplicas must not exceed maxReplicas: lower minReplicas or raise maxReplicas",
+            lambda m: m.min_replicas <= m.max_replicas,
+        ),
+        Rule(
+            "self.minReplicas >= 1 || self.scaleToZero",
+            "minReplicas 0 needs scaleToZero: true (or set minReplicas >= 1)",
+            lambda m: m.min_replicas >= 1 or m.scale_to_zero,
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=_validations(*RULES))
 
     enabled: bool = Field(False, description="Scale between minReplicas and maxReplicas.")
     min_replicas: int = Field(1, ge=0, le=1000, description="Lower bound (0 needs scaleToZero).")
@@ -298,17 +326,6 @@ class AutoscalingSpec(ApiModel):
     scale_to_zero: bool = Field(
         False, description="Allow 0 replicas when idle (the first request waits for one)."
     )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"minReplicas ({self.min_replicas}) must not exceed maxReplicas "
-                f"({self.max_replicas})"
-            )
-        if self.min_replicas == 0 and not self.scale_to_zero:
-            raise ValueError("minReplicas 0 needs scaleToZero: true (or set minReplicas >= 1)")
-        return self
 
 
 # ------------------------------------------------------------------------------------- serving
@@ -361,16 +378,14 @@ ALLOWED_ENGINE_ARGS: dict[str, tuple[type, ...]] = {
 class ServingSpec(ApiModel):
     """The serving front end of each replica."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "self.httpPort != self.grpcPort",
-                    "message": "httpPort and grpcPort must differ",
-                },
-            ]
-        }
+    RULES = (
+        Rule(
+            "self.httpPort != self.grpcPort",
+            "httpPort and grpcPort must differ",
+            lambda m: m.http_port != m.grpc_port,
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=_validations(*RULES))
 
     http_port: int = Field(8000, ge=1024, le=65535, description="OpenAI-compatible HTTP port.")
     grpc_port: int = Field(9000, ge=1024, le=65535, description="gRPC port (moe.inference.v1).")
@@ -419,26 +434,18 @@ class ServingSpec(ApiModel):
                 raise ValueError(f"engineArgs.{key} must be {names}, got {type(arg).__name__}")
         return value
 
-    @model_validator(mode="after")
-    def _ports(self) -> ServingSpec:
-        if self.http_port == self.grpc_port:
-            raise ValueError("httpPort and grpcPort must differ")
-        return self
-
 
 class TracingSpec(ApiModel):
     """OpenTelemetry export of every request's trace."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!self.enabled || has(self.endpoint)",
-                    "message": "tracing.enabled needs tracing.endpoint (an OTLP collector URL)",
-                },
-            ]
-        }
+    RULES = (
+        Rule(
+            "!self.enabled || has(self.endpoint)",
+            "tracing.enabled needs tracing.endpoint (an OTLP collector URL)",
+            lambda m: not m.enabled or m.endpoint is not None,
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=_validations(*RULES))
 
     enabled: bool = Field(False, description="Export request spans.")
     endpoint: str | None = Field(
@@ -451,12 +458,6 @@ class TracingSpec(ApiModel):
     record_content: bool = Field(
         False, description="Record prompt and output text on spans (off: never recorded)."
     )
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> TracingSpec:
-        if self.enabled and not self.endpoint:
-            raise ValueError("tracing.enabled needs tracing.endpoint (an OTLP collector URL)")
-        return self
 
 
 class PricingSpec(ApiModel):
@@ -488,17 +489,14 @@ UpgradeStrategy = Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "Non
 class MoEDeploymentSpec(ApiModel):
     """Desired state of a MoEDeployment."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.replicas) || self.replicas > 0"
-                    " || self.autoscaling.scaleToZero",
-                    "message": "replicas 0 needs autoscaling.scaleToZero: true",
-                },
-            ]
-        }
+    RULES = (
+        Rule(
+            "!has(self.replicas) || self.replicas > 0 || self.autoscaling.scaleToZero",
+            "replicas 0 needs autoscaling.scaleToZero: true",
+            lambda m: m.replicas is None or m.replicas > 0 or m.autoscaling.scale_to_zero,
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=_validations(*RULES))
 
     model: ModelSpec = Field(description="The model to serve.")
     parallelism: ParallelismSpec = Field(
@@ -537,12 +535,6 @@ class MoEDeploymentSpec(ApiModel):
     upgrade_strategy: UpgradeStrategy = Field(
         "NewCluster", description="How KubeRay rolls a changed spec (KubeRay upgradeStrategy)."
     )
-
-    @model_validator(mode="after")
-    def _replicas(self) -> MoEDeploymentSpec:
-        if self.replicas == 0 and not self.autoscaling.scale_to_zero:
-            raise ValueError("replicas 0 needs autoscaling.scaleToZero: true")
-        return self
 
     def replica_bounds(self) -> tuple[int, int, int]:
         """(min, initial, max) replicas: `replicas` pins all three, else autoscaling decides."""

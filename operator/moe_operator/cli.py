@@ -13,6 +13,7 @@ moectl up [-f x.yaml] [--model DIR]     serve locally (Ray + vLLM on the CPU)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -201,7 +202,32 @@ def cmd_make_model(args: argparse.Namespace) -> None:
     print(f"tiny {args.arch} checkpoint in {out}")
 
 
+#: What `moectl up` runs on, and the extra that installs it (the operator image has none).
+SERVING_MODULES = ("ray", "vllm", "torch")
+SERVING_EXTRA = "pip install 'moe-operator[serving,cpu]'"
+
+
+def _missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules that cannot be imported here (found without importing them: vLLM is slow)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def cmd_up(args: argparse.Namespace) -> None:
+    missing = _missing_modules(SERVING_MODULES)
+    if missing:
+        raise CliError(
+            f"`moectl up` serves the model here with Ray Serve and vLLM, but {', '.join(missing)} "
+            f"cannot be imported in this environment: install them with {SERVING_EXTRA} "
+            "(or `make install` in a checkout)"
+        )
     from moe_operator.up import up
 
     dep = load_manifest(args.file or EMBEDDED_DEFAULT)

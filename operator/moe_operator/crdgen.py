@@ -1,10 +1,10 @@
 """Generate the MoEDeployment CRD from the pydantic API models.
 
 Pydantic emits JSON Schema (2020-12 flavour, with $refs); a CRD needs a *structural* OpenAPI v3
-schema: every $ref inlined, `nullable` instead of `anyOf [X, null]`, no `additionalProperties:
-false`, int-or-string marked with `x-kubernetes-int-or-string`, free-form maps with
-`x-kubernetes-preserve-unknown-fields`. Objects whose Python default is a factory get `default: {}`
-so the API server fills their nested defaults.
+schema: every $ref inlined, `anyOf [X, null]` as plain X (not `nullable`: see `_any_of`), no
+`additionalProperties: false`, int-or-string marked with `x-kubernetes-int-or-string`, free-form
+maps with `x-kubernetes-preserve-unknown-fields`. Objects whose Python default is a factory get
+`default: {}` so the API server fills their nested defaults.
 """
 
 from __future__ import annotations
@@ -100,8 +100,10 @@ class _Converter:
         return out
 
     def _any_of(self, node: dict[str, Any], options: list[dict[str, Any]]) -> dict[str, Any]:
+        # `X | None` is X, not nullable: the API server then prunes an explicit null as if the
+        # field were unset (and applies its default), which is what the models do with None
+        # (ApiModel drops it); a stored null would reach CEL rules as a null value instead.
         non_null = [o for o in options if o.get("type") != "null"]
-        nullable = len(non_null) < len(options)
         if len(non_null) == 1:
             out = self.convert({**non_null[0], **node})
         else:
@@ -130,8 +132,6 @@ class _Converter:
                     )
             else:
                 raise TypeError(f"cannot express anyOf {options} in a structural schema")
-        if nullable:
-            out["nullable"] = True
         return out
 
     def _properties(self, props: dict[str, Any], model: type[BaseModel] | None) -> dict[str, Any]:

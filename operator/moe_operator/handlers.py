@@ -38,7 +38,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from moe_operator import kube, live_poller, settings, tracing
+from moe_operator import kube, kuberay, live_poller, settings, tracing
 from moe_operator import status as status_mod
 from moe_operator.api import (
     GROUP,
@@ -511,7 +511,14 @@ async def _reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
             ckey = (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
             current = live.pop(ckey, None)
             if current is None or not is_subset(obj, current):
-                current = await _apply_if_needed(rt, api, body, obj, outcome, logger)
+                try:
+                    current = await _apply_if_needed(rt, api, body, obj, outcome, logger)
+                except kube.ApiError as err:
+                    if not err.rejected:
+                        raise
+                    # The server refuses the object itself: the same apply would fail forever.
+                    problem = outcome.problem = rejected(obj, err)
+                    break
             if obj["kind"] == "RayService":
                 ray_service = current
         if problem is None:
@@ -540,6 +547,16 @@ async def _reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
         },
     )
     return outcome
+
+
+def rejected(obj: Obj, err: kube.ApiError) -> status_mod.Problem:
+    """The problem of a child the API server refused (kube.ApiError.rejected), with its words."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    return status_mod.Problem(
+        "ApplyRejected",
+        f"the API server rejected {kind} {name} (HTTP {err.status}): {err.message}. "
+        + kuberay.rejection_hint(kind),
+    )
 
 
 def _live_children(rt: Runtime, key: OwnerKey, uid: str) -> dict[tuple[str, str, str], Obj]:

@@ -85,6 +85,13 @@ def resource_of(obj: Obj) -> Resource:
         raise ValueError(f"the operator does not manage {obj.get('kind')!r} objects") from None
 
 
+#: What kube-apiserver says when a server-side apply names a field the resource's schema lacks
+#: (e.g. a CRD older than the fields we render). It comes as HTTP 500 without a reason: the
+#: error from structured-merge-diff is not a metav1.Status (k8s.io/apimachinery/pkg/util/
+#: managedfields/internal/structuredmerge.go; kubernetes/kubernetes#122480, #139253).
+_SCHEMA_ERRORS = ("failed to create typed patch object", "field not declared in schema")
+
+
 class ApiError(Exception):
     """A failed API call; `transient` ones are worth retrying (conflict, throttling, 5xx)."""
 
@@ -98,7 +105,18 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
     @property
+    def rejected(self) -> bool:
+        """The API server refused the object itself (schema, validation): sending the same
+        object again cannot succeed. 400 BadRequest, 422 Invalid, and the 500 that server-side
+        apply returns for a field missing from the schema."""
+        if self.status in (400, 422):
+            return True
+        return self.status == 500 and any(text in self.message for text in _SCHEMA_ERRORS)
+
+    @property
     def transient(self) -> bool:
+        if self.rejected:
+            return False
         return self.status in (408, 409, 429) or self.status >= 500
 
 

@@ -7,8 +7,9 @@ Conditions follow Kubernetes conventions (metav1.Condition):
 * Progressing: True while the RayService has not yet reported our latest spec ready: KubeRay
   has not observed its new generation, an upgrade (pending cluster) is under way, or it was
   never ready. Reason Creating for a first rollout, Updating for a changed spec.
-* Degraded: True when the spec cannot be deployed (InvalidSpec / PlanFailed / RenderFailed)
-  or the Serve application failed (ServeApplicationFailed).
+* Degraded: True when the spec cannot be deployed (InvalidSpec / PlanFailed / RenderFailed),
+  the API server refused a rendered child (ApplyRejected, e.g. a KubeRay too old for the
+  RayService) or the Serve application failed (ServeApplicationFailed).
 
 `lastTransitionTime` only moves when a condition's status changes.
 """

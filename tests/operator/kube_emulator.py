@@ -15,6 +15,11 @@ HTTP server, request parsing and discovery endpoints and replaces the object han
 * label selectors on list / watch;
 * validating admission through the ValidatingWebhookConfigurations the operator registers
   (a real HTTP round trip to kopf's webhook server);
+* the structural schema of kinds registered with one (our CRD, KubeRay's RayService when its CRDs
+  are present; tests/k8s_schema.py): unknown fields pruned (`fieldValidation=Strict`: 400), nulls
+  pruned, defaults filled in, types / enums / bounds / patterns / CEL rules checked (422 Invalid),
+  and a server-side apply naming a field the schema lacks refused as kube-apiserver refuses it:
+  HTTP 500 "failed to create typed patch object ...: field not declared in schema";
 * fault injection (any status code, Retry-After, dropped watch streams, a frozen API) and a
   record of every request (verb, group, resource, subresource) for the RBAC check.
 
@@ -38,6 +43,7 @@ import aiohttp
 import aiohttp.web
 import kmock
 import yaml
+from k8s_schema import Schema
 from kmock._internal import rendering
 
 Obj = dict[str, Any]
@@ -271,12 +277,17 @@ class ApiServer(kmock.KubernetesEmulator):
         self.watch_generation = 0  # bumped to drop all open watch streams
         self.admission_enabled = True
         self.admission_rejections: list[str] = []
+        self.schemas: dict[str, Schema] = {}  # resource key -> structural schema
+        self.schema_rejections: list[tuple[int, str]] = []  # (HTTP status, message)
 
     # ----------------------------------------------------------------------------- registry
 
-    def register(self, kind: Kind) -> None:
-        """Serve a resource type (discovery + objects)."""
+    def register(self, kind: Kind, schema: Obj | None = None) -> None:
+        """Serve a resource type (discovery + objects); with `schema` (a CRD version's
+        openAPIV3Schema) its objects are pruned, defaulted and validated as a CRD's are."""
         self.kinds[kind.key] = kind
+        if schema is not None:
+            self.schemas[kind.key] = Schema(schema)
         ref = kmock.resource(group=kind.group, version=kind.version, plural=kind.plural)
         self.resources[ref] = kmock.ResourceInfo(
             kind=kind.kind,
@@ -382,6 +393,8 @@ class ApiServer(kmock.KubernetesEmulator):
             "reason": err.reason,
             "code": err.status,
         }
+        if not err.reason:
+            del body["reason"]  # as a 500 from an error that is not a metav1.Status
         return aiohttp.web.json_response(body, status=err.status, headers=headers)
 
     async def _dispatch(self, request: rendering.Request, call: Call, kind: Kind) -> Any:
@@ -394,8 +407,11 @@ class ApiServer(kmock.KubernetesEmulator):
             if sub == "scale":
                 return self._scale_view(kind, obj)
             return obj
+        validation = call.params.get("fieldValidation") or "Warn"  # the server's default
         if call.verb == "create":
-            return await self.create(kind, _body(request), namespace=ns, admit=True)
+            return await self.create(
+                kind, _body(request), namespace=ns, admit=True, field_validation=validation
+            )
         if call.verb == "patch":
             call.created = call.content_type.startswith("application/apply-patch") and (
                 self.find(kind, ns, request.name or "") is None
@@ -408,6 +424,7 @@ class ApiServer(kmock.KubernetesEmulator):
                 content_type=call.content_type.split(";")[0].strip(),
                 subresource=sub,
                 field_manager=call.params.get("fieldManager", ""),
+                field_validation=validation,
             )
         if call.verb == "delete":
             return await self.destroy(kind, ns, request.name or "")
@@ -451,7 +468,13 @@ class ApiServer(kmock.KubernetesEmulator):
         }
 
     async def create(
-        self, kind: Kind, body: Obj, *, namespace: str | None = None, admit: bool = False
+        self,
+        kind: Kind,
+        body: Obj,
+        *,
+        namespace: str | None = None,
+        admit: bool = False,
+        field_validation: str = "Strict",  # what kubectl sends (tests write as kubectl would)
     ) -> Obj:
         body = copy.deepcopy(body)
         meta = body.setdefault("metadata", {})
@@ -464,13 +487,15 @@ class ApiServer(kmock.KubernetesEmulator):
         key = self._key(kind, ns, name)
         if kind.namespaced:
             meta["namespace"] = ns
+        if "status" in kind.subresources:
+            body.pop("status", None)  # status is written through its subresource only
+        body = self._schema_check(kind, body, None, field_validation)
+        meta = body["metadata"]
         if admit:
             await self._admit(kind, "CREATE", body, None)
         # From here on no await: the check and the commit are atomic on the event loop.
         if key in self.store:
             raise ApiError(409, "AlreadyExists", f'{kind.plural} "{name}" already exists')
-        if "status" in kind.subresources:
-            body.pop("status", None)  # status is written through its subresource only
         body["apiVersion"] = kind.api_version
         body["kind"] = kind.kind
         meta["uid"] = str(uuid.uuid4())
@@ -491,14 +516,19 @@ class ApiServer(kmock.KubernetesEmulator):
         content_type: str = "application/merge-patch+json",
         subresource: str | None = None,
         field_manager: str = "",
+        field_validation: str = "Strict",
     ) -> Obj:
         key = self._key(kind, ns, name)
         apply = content_type == "application/apply-patch+yaml"
         if apply and not field_manager:
             raise ApiError(422, "Invalid", "fieldManager is required for apply patches")
+        if apply:
+            self._typed_patch_check(kind, ns, name, patch)
         if apply and key not in self.store:
             # Server-side apply creates what does not exist.
-            created = await self.create(kind, patch, namespace=ns, admit=True)
+            created = await self.create(
+                kind, patch, namespace=ns, admit=True, field_validation="Ignore"
+            )
             self.managed[(key, field_manager)] = _applied_config(patch)
             return created
         while True:
@@ -506,6 +536,7 @@ class ApiServer(kmock.KubernetesEmulator):
             if old is None:
                 raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
             new = self._patched(kind, key, old, patch, content_type, subresource, field_manager)
+            new = self._schema_check(kind, new, old, "Ignore" if apply else field_validation)
             if new == old:
                 return copy.deepcopy(old)  # a no-op write does not bump resourceVersion
             if subresource in (None, "scale"):
@@ -521,6 +552,45 @@ class ApiServer(kmock.KubernetesEmulator):
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 self._remove(kind, key)
             return copy.deepcopy(new)
+
+    def _typed_patch_check(self, kind: Kind, ns: str | None, name: str, patch: Any) -> None:
+        """Server-side apply first converts the patch to the schema's type: a field the schema
+        lacks fails there, whatever fieldValidation says, as a bare 500 (no reason) from
+        structured-merge-diff (k8s.io/apimachinery/pkg/util/managedfields/internal/
+        structuredmerge.go; kubernetes/kubernetes#122480, #139253)."""
+        schema = self.schemas.get(kind.key)
+        if schema is None or not isinstance(patch, dict):
+            return
+        unknown = schema.unknown_fields(_applied_config(patch))
+        if unknown:
+            where = f"{ns}/{name}" if ns else name
+            message = (
+                f"failed to create typed patch object ({where}; {kind.group}/{kind.version}, "
+                f"Kind={kind.kind}): {unknown[0]}: field not declared in schema"
+            )
+            self.schema_rejections.append((500, message))
+            raise ApiError(500, "", message)
+
+    def _schema_check(self, kind: Kind, obj: Obj, old: Obj | None, field_validation: str) -> Obj:
+        """Prune, default and validate as the API server does for a CRD (no-op without one)."""
+        schema = self.schemas.get(kind.key)
+        if schema is None:
+            return obj
+        name = (obj.get("metadata") or {}).get("name")
+        if field_validation == "Strict":
+            unknown = schema.unknown_fields(obj)
+            if unknown:
+                fields = ", ".join(f'unknown field "{u.lstrip(".")}"' for u in unknown)
+                message = f"strict decoding error: {fields}"
+                self.schema_rejections.append((400, message))
+                raise ApiError(400, "BadRequest", message)
+        stored, problems = schema.admit(obj, old)
+        if problems:
+            listed = problems[0] if len(problems) == 1 else "[" + ", ".join(problems) + "]"
+            message = f'{kind.kind}.{kind.group} "{name}" is invalid: {listed}'
+            self.schema_rejections.append((422, message))
+            raise ApiError(422, "Invalid", message)
+        return stored
 
     def _patched(
         self,

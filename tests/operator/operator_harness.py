@@ -23,7 +23,9 @@ import kopf
 import kube_emulator as em
 import pytest
 import yaml
+from k8s_schema import load_crd_schema
 
+from moe_operator import crdgen
 from moe_operator.api import GROUP, KIND, PLURAL, VERSION
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -283,6 +285,15 @@ class KubeRay:
         )
 
 
+def kuberay_crd(file: str, release: str | None = None) -> pathlib.Path | None:
+    """A KubeRay CRD file from ../shared/kuberay-crds/ (None when the folder is absent)."""
+    folder = KUBERAY_CRDS / "versions" / release if release else KUBERAY_CRDS
+    if release and not folder.is_dir():
+        pytest.skip(f"KubeRay {release} CRDs not found at {folder} (../shared/kuberay-crds)")
+    path = folder / file
+    return path if path.is_file() else None
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -305,12 +316,20 @@ async def retrying(action: Callable[[], Awaitable[Any]], *, timeout: float = 30.
 
 @contextlib.asynccontextmanager
 async def emulated_cluster(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, *, kuberay: str | None = None
 ) -> AsyncIterator[em.ApiServer]:
-    """The emulator on a loopback port, a kubeconfig pointing at it, the operator's env."""
+    """The emulator on a loopback port, a kubeconfig pointing at it, the operator's env.
+
+    MoEDeployments get our generated CRD's schema; RayServices get KubeRay's (the newest in
+    ../shared/kuberay-crds/, or release `kuberay`, e.g. "v1.4.2"), when that folder exists.
+    """
     server = em.ApiServer()
+    schemas = {MOED.key: crdgen.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]}
+    rayservice_crd = kuberay_crd("ray.io_rayservices.yaml", kuberay)
+    if rayservice_crd is not None:
+        schemas[em.RAYSERVICES.key] = load_crd_schema(rayservice_crd)
     for kind in KINDS:
-        server.register(kind)
+        server.register(kind, schemas.get(kind.key))
     async with server, kmock.Server(server, host="127.0.0.1", port=0) as srv:
         kubeconfig = tmp_path / f"kubeconfig-{srv.port}"
         kubeconfig.write_text(

@@ -141,6 +141,18 @@ async def chart_operators(
             await op.stop()
 
 
+#: The smallest RayService spec KubeRay's schema takes (the emulator validates against it).
+OLD_RAYSERVICE_SPEC = {
+    "serveConfigV2": "",
+    "rayClusterConfig": {
+        "headGroupSpec": {
+            "rayStartParams": {},
+            "template": {"spec": {"containers": [{"name": "ray-head", "image": "ray:2.60.0"}]}},
+        }
+    },
+}
+
+
 async def leftovers(api: em.ApiServer, owner: str) -> None:
     """A RayService, Service and PDB of this owner that the current version does not render."""
     meta = api.read(MOED, NS, owner)["metadata"]
@@ -154,7 +166,7 @@ async def leftovers(api: em.ApiServer, owner: str) -> None:
     }
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: owner}
     for kind, name, spec in (
-        (em.RAYSERVICES, f"{owner}-v0", {"serveConfigV2": ""}),
+        (em.RAYSERVICES, f"{owner}-v0", OLD_RAYSERVICE_SPEC),
         (em.SERVICES, f"{owner}-metrics", {"ports": [{"port": 8080}]}),
         (em.PDBS, f"{owner}-head", {"maxUnavailable": 0}),
     ):
