@@ -70,17 +70,16 @@ def _vllm_processes() -> list[str]:
     return found
 
 
-async def _http_stream(base: str) -> dict[str, Any]:
+async def _http_stream(base: str, out: dict[str, Any]) -> dict[str, Any]:
     """One streaming completion: how it ended (status, error code in the stream, retry hint)."""
     body = {
         "model": "tiny-moe",
         "prompt": "The expert router",
-        "max_tokens": 400,
+        "max_tokens": 480,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
     }
-    out: dict[str, Any] = {"chunks": 0}
     async with (
         httpx.AsyncClient(timeout=CLIENT_BOUND_S) as client,
         client.stream("POST", f"{base}/v1/completions", json=body) as reply,
@@ -98,15 +97,14 @@ async def _http_stream(base: str) -> dict[str, Any]:
     return out
 
 
-async def _grpc_stream(target: str) -> dict[str, Any]:
+async def _grpc_stream(target: str, out: dict[str, Any]) -> dict[str, Any]:
     request = pb.GenerateRequest(
         completion=pb.CompleteRequest(
             model="tiny-moe",
             prompt="The expert router",
-            sampling=pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+            sampling=pb.SamplingParams(max_tokens=480, temperature=0, ignore_eos=True),
         )
     )
-    out: dict[str, Any] = {"chunks": 0}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         try:
@@ -155,9 +153,13 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
     assert _operator_ready_replicas(_state(app.http)) == 1
 
     async def load_then_kill() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
-        http = [asyncio.create_task(_http_stream(app.http)) for _ in range(2)]
-        rpcs = [asyncio.create_task(_grpc_stream(app.grpc)) for _ in range(2)]
-        await asyncio.sleep(8)  # the streams are running
+        progress: list[dict[str, Any]] = [{"chunks": 0} for _ in range(4)]
+        http = [asyncio.create_task(_http_stream(app.http, progress[i])) for i in range(2)]
+        rpcs = [asyncio.create_task(_grpc_stream(app.grpc, progress[2 + i])) for i in range(2)]
+        # Kill once every stream is under way (and far from its 480 tokens).
+        async with asyncio.timeout(CLIENT_BOUND_S):
+            while any(p["chunks"] < 10 for p in progress):
+                await asyncio.sleep(0.2)
         killed = time.monotonic()
         app.cluster.kill_node(1)
         results = await asyncio.wait_for(asyncio.gather(*http, *rpcs), timeout=CLIENT_BOUND_S + 30)
