@@ -14,7 +14,8 @@ HTTP server, request parsing and discovery endpoints and replaces the object han
 * watches that resume from a resourceVersion (410 Gone when it is too old), server timeouts;
 * label selectors on list / watch;
 * validating admission through the ValidatingWebhookConfigurations the operator registers
-  (a real HTTP round trip to kopf's webhook server);
+  (a real HTTP round trip to kopf's webhook server), and the API server's own validation of
+  those configurations (webhook_rules.py: a configuration it would refuse is a 422 here too);
 * fault injection (any status code, Retry-After, dropped watch streams, a frozen API) and a
   record of every request (verb, group, resource, subresource) for the RBAC check.
 
@@ -37,6 +38,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kmock
+import webhook_rules
 import yaml
 from kmock._internal import rendering
 
@@ -466,6 +468,7 @@ class ApiServer(kmock.KubernetesEmulator):
             meta["namespace"] = ns
         if admit:
             await self._admit(kind, "CREATE", body, None)
+        self._validate(kind, body)
         # From here on no await: the check and the commit are atomic on the event loop.
         if key in self.store:
             raise ApiError(409, "AlreadyExists", f'{kind.plural} "{name}" already exists')
@@ -508,6 +511,7 @@ class ApiServer(kmock.KubernetesEmulator):
             new = self._patched(kind, key, old, patch, content_type, subresource, field_manager)
             if new == old:
                 return copy.deepcopy(old)  # a no-op write does not bump resourceVersion
+            self._validate(kind, new)
             if subresource in (None, "scale"):
                 await self._admit(kind, "UPDATE", new, old)
                 if self.store.get(key) is not old:
@@ -521,6 +525,16 @@ class ApiServer(kmock.KubernetesEmulator):
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 self._remove(kind, key)
             return copy.deepcopy(new)
+
+    @staticmethod
+    def _validate(kind: Kind, obj: Obj) -> None:
+        """The API server's validation of the kinds where the operator's writes could fail it."""
+        if kind.key == WEBHOOKS.key:
+            # The one relaxation: the operator's local mode registers a plain-http URL for a
+            # local API server (tests); a real API server accepts https only.
+            problems = webhook_rules.configuration_problems(obj, require_https=False)
+            if problems:
+                raise ApiError(422, "Invalid", f"{kind.kind} is invalid: " + "; ".join(problems))
 
     def _patched(
         self,
