@@ -17,7 +17,8 @@ HTTP server, request parsing and discovery endpoints and replaces the object han
   (a real HTTP round trip to kopf's webhook server), and the API server's own validation of
   those configurations (webhook_rules.py: a configuration it would refuse is a 422 here too);
 * fault injection (any status code, Retry-After, dropped watch streams, a frozen API) and a
-  record of every request (verb, group, resource, subresource) for the RBAC check.
+  record of every request (verb, group, resource, subresource) for the RBAC check, plus the
+  authorization checks the OwnerReferencesPermissionEnforcement admission plugin makes.
 
 It is deliberately small: one write lock, the whole state in memory, no persistence.
 """
@@ -97,7 +98,8 @@ class Call:
 
     @property
     def is_write(self) -> bool:
-        return self.verb in WRITE_VERBS
+        # An admission plugin's authorization check is not a request the client sent.
+        return self.verb in WRITE_VERBS and self.method != "AUTHORIZE"
 
     @property
     def is_resource(self) -> bool:
@@ -397,12 +399,15 @@ class ApiServer(kmock.KubernetesEmulator):
                 return self._scale_view(kind, obj)
             return obj
         if call.verb == "create":
-            return await self.create(kind, _body(request), namespace=ns, admit=True)
+            created = await self.create(kind, _body(request), namespace=ns, admit=True)
+            self._gc_admission_checks(call, kind, created, None)
+            return created
         if call.verb == "patch":
+            before = self.find(kind, ns, request.name or "")
             call.created = call.content_type.startswith("application/apply-patch") and (
-                self.find(kind, ns, request.name or "") is None
+                before is None
             )
-            return await self.modify(
+            after = await self.modify(
                 kind,
                 ns,
                 request.name or "",
@@ -411,9 +416,47 @@ class ApiServer(kmock.KubernetesEmulator):
                 subresource=sub,
                 field_manager=call.params.get("fieldManager", ""),
             )
+            self._gc_admission_checks(call, kind, after, before)
+            return after
         if call.verb == "delete":
             return await self.destroy(kind, ns, request.name or "")
         raise ApiError(405, "MethodNotAllowed", f"{call.method} is not served")
+
+    def _gc_admission_checks(self, call: Call, kind: Kind, new: Obj, old: Obj | None) -> None:
+        """Record the authorization checks of the OwnerReferencesPermissionEnforcement admission
+        plugin (kubernetes plugin/pkg/admission/gc/gc_admission.go) as calls of the same client:
+        changing ownerReferences needs `delete` on the object itself, and each ownerReference
+        that newly has blockOwnerDeletion: true needs `update` on the owner's `finalizers`
+        subresource. The RBAC tests then see them like any other call the operator makes."""
+        new_refs = new.get("metadata", {}).get("ownerReferences") or []
+        old_refs = (old or {}).get("metadata", {}).get("ownerReferences") or []
+        if new_refs == old_refs:
+            return
+        checks = [(kind.group, kind.plural)]
+        was_blocking = {r.get("uid") for r in old_refs if r.get("blockOwnerDeletion")}
+        for ref in new_refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in was_blocking:
+                continue
+            group = ref["apiVersion"].rpartition("/")[0]
+            owners = [k for k in self.kinds.values() if (k.group, k.kind) == (group, ref["kind"])]
+            checks += [(o.group, f"{o.plural}/finalizers") for o in owners]
+        for group, resource in checks:
+            self.calls.append(
+                Call(
+                    id=len(self.calls),
+                    method="AUTHORIZE",
+                    verb="update" if resource.endswith("/finalizers") else "delete",
+                    group=group,
+                    version=None,
+                    resource=resource,
+                    namespace=call.namespace,
+                    name=None,
+                    user_agent=call.user_agent,
+                    content_type="",
+                    token=call.token,
+                    status=200,
+                )
+            )
 
     # ------------------------------------------------------------------------ operations
 
