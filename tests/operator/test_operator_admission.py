@@ -23,7 +23,7 @@ from moe_operator.handlers import validate_moedeployment
 
 CLUSTER_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != "tiny-cpu.yaml")
 #: Map-typed fields: any key is valid there, so "unknown key" mutations skip them.
-MAP_FIELDS = {"nodeSelector", "allowedClientLabels", "engineArgs"}
+MAP_FIELDS = {"nodeSelector", "allowedClientLabels", "prometheusPodLabels", "engineArgs"}
 
 
 def validate(body: dict[str, Any], operation: str = "CREATE", old: Any = None) -> None:
