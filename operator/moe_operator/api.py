@@ -284,7 +284,12 @@ class ResourcesSpec(ApiModel):
         0.9, gt=0.1, le=0.98, description="Fraction of GPU memory vLLM may use."
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node selector for worker pods."
+        default_factory=dict,
+        description=(
+            "Node selector for worker pods; the only one they get (the accelerator type alone "
+            "selects nothing). E.g. `nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB` where "
+            "NVIDIA GPU Feature Discovery labels the nodes (the value differs on PCIe/NVL parts)."
+        ),
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for worker pods (e.g. nvidia.com/gpu)."
@@ -481,9 +486,46 @@ class NetworkPolicySpec(ApiModel):
         description="Namespace of the KubeRay operator, which must reach the Ray dashboard.",
         min_length=1,
     )
+    operator_namespace: str = Field(
+        "moe-system",
+        description=(
+            "Namespace of this operator, which reads GET /v1/moe/state on the HTTP port for the "
+            "live status (default: where the chart's README and install bundle install it)."
+        ),
+        min_length=1,
+        max_length=63,
+    )
+    prometheus_namespace: str = Field(
+        "monitoring",
+        description=(
+            "Namespace of the Prometheus that scrapes /metrics on the HTTP port; empty: no "
+            "scrape rule (null means the default, as the API server prunes nulls)."
+        ),
+        max_length=63,
+    )
+    prometheus_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"},
+        description=(
+            "Labels of the Prometheus pods in prometheusNamespace (prometheus-operator's by "
+            "default; empty: every pod of that namespace)."
+        ),
+    )
 
 
 UpgradeStrategy = Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]
+
+# KubeRay refuses NewClusterWithIncrementalUpgrade without its in-tree autoscaler or a gateway
+# class (ray-operator/controllers/ray/utils/validation.go, ValidateClusterUpgradeOptions): the
+# RayService would never deploy and the MoEDeployment would stay Progressing.
+INCREMENTAL_NEEDS_AUTOSCALER = (
+    "upgradeStrategy NewClusterWithIncrementalUpgrade needs KubeRay's autoscaler: unset "
+    "replicas and set autoscaling.enabled: true with minReplicas < maxReplicas, or use "
+    "upgradeStrategy NewCluster"
+)
+INCREMENTAL_NEEDS_GATEWAY_CLASS = (
+    "upgradeStrategy NewClusterWithIncrementalUpgrade needs gatewayClassName: the Gateway API "
+    "GatewayClass of the Gateway KubeRay creates to shift traffic (e.g. istio)"
+)
 
 
 class MoEDeploymentSpec(ApiModel):
@@ -494,6 +536,29 @@ class MoEDeploymentSpec(ApiModel):
             "!has(self.replicas) || self.replicas > 0 || self.autoscaling.scaleToZero",
             "replicas 0 needs autoscaling.scaleToZero: true",
             lambda m: m.replicas is None or m.replicas > 0 or m.autoscaling.scale_to_zero,
+        ),
+        Rule(
+            "self.upgradeStrategy != 'NewClusterWithIncrementalUpgrade'"
+            " || (!has(self.replicas) && self.autoscaling.enabled"
+            " && self.autoscaling.minReplicas < self.autoscaling.maxReplicas)",
+            INCREMENTAL_NEEDS_AUTOSCALER,
+            lambda m: (
+                m.upgrade_strategy != "NewClusterWithIncrementalUpgrade"
+                or (
+                    m.replicas is None
+                    and m.autoscaling.enabled
+                    and m.autoscaling.min_replicas < m.autoscaling.max_replicas
+                )
+            ),
+        ),
+        Rule(
+            "self.upgradeStrategy != 'NewClusterWithIncrementalUpgrade'"
+            " || has(self.gatewayClassName)",
+            INCREMENTAL_NEEDS_GATEWAY_CLASS,
+            lambda m: (
+                m.upgrade_strategy != "NewClusterWithIncrementalUpgrade"
+                or m.gateway_class_name is not None
+            ),
         ),
     )
     model_config = ConfigDict(json_schema_extra=_validations(*RULES))
@@ -533,7 +598,23 @@ class MoEDeploymentSpec(ApiModel):
         "2.60.0", description="Ray version in the image.", pattern=r"^\d+\.\d+\.\d+$"
     )
     upgrade_strategy: UpgradeStrategy = Field(
-        "NewCluster", description="How KubeRay rolls a changed spec (KubeRay upgradeStrategy)."
+        "NewCluster",
+        description=(
+            "How KubeRay rolls a changed spec (KubeRay upgradeStrategy). NewCluster starts a "
+            "whole second cluster and switches traffic once it is ready: twice the GPUs during "
+            "an upgrade. NewClusterWithIncrementalUpgrade shifts traffic in steps through a "
+            "Gateway (needs autoscaling and gatewayClassName). None: spec changes are not rolled "
+            "out to a new cluster."
+        ),
+    )
+    gateway_class_name: str | None = Field(
+        None,
+        description=(
+            "Gateway API GatewayClass for KubeRay's Gateway with upgradeStrategy "
+            "NewClusterWithIncrementalUpgrade (e.g. istio); required there, unused otherwise."
+        ),
+        min_length=1,
+        max_length=253,
     )
 
     def replica_bounds(self) -> tuple[int, int, int]:

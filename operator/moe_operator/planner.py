@@ -347,6 +347,8 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
             "tensor parallelism stays within a node; lower it or use dataParallelSize across nodes"
         )
 
+    _check_explicit_sizes(spec, arch, fixed_tp, fixed_dp, pp, max_nodes)
+
     best: _Candidate | None = None
     last_problems: list[str] = []
     for world in _world_sizes(gpn, max_nodes):
@@ -358,13 +360,16 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         if math.ceil(total / gpn) > max_nodes:
             continue
         fitting = []
-        last_problems = []
+        problems = []
         for tp, dp in _splits(world, gpn, fixed_tp, fixed_dp):
             cand = _Candidate(arch, accel, spec, tp, dp, pp, max_len)
             if cand.problem:
-                last_problems.append(f"TP{tp} DP{dp} PP{pp}: {cand.problem}")
+                problems.append(f"TP{tp} DP{dp} PP{pp}: {cand.problem}")
             else:
                 fitting.append(cand)
+        # The largest size that had candidates explains best why nothing fits (a later size
+        # whose splits the explicit sizes rule out has nothing to say).
+        last_problems = problems or last_problems
         if fitting:
             best = max(fitting, key=lambda c: (c.sequences, c.tp))
             break
@@ -438,6 +443,64 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
     )
 
 
+def _divisors(n: int, at_most: int) -> list[int]:
+    return [d for d in range(1, min(n, at_most) + 1) if n % d == 0]
+
+
+def _check_explicit_sizes(
+    spec: MoEDeploymentSpec,
+    arch: Architecture,
+    fixed_tp: int | None,
+    fixed_dp: int | None,
+    pp: int,
+    max_nodes: int,
+) -> None:
+    """Explicit sizes that no amount of hardware makes valid: name the field and the rule."""
+    par = spec.parallelism
+    gpn = spec.resources.gpus_per_node
+    heads = arch.num_attention_heads
+    tp_choices = _divisors(heads, gpn)
+    if fixed_tp is not None and heads % fixed_tp:
+        raise PlanningError(
+            f"spec.parallelism.tensorParallelSize {fixed_tp} does not divide {arch.key}'s "
+            f"{heads} attention heads: tensor parallelism gives each rank an equal share of the "
+            f"heads; use one of {', '.join(map(str, tp_choices))} (divisors of {heads} up to "
+            "resources.gpusPerNode) or auto"
+        )
+    if par.expert_parallel:
+        redundant = par.eplb.redundant_experts if par.eplb.enabled else 0
+        experts = f"{arch.num_experts} experts" + (f" + {redundant} redundant" if redundant else "")
+        slots = arch.num_experts + redundant
+        tps = [fixed_tp] if fixed_tp is not None else tp_choices
+        dp = fixed_dp or 1  # with DP auto, DP 1 is the likeliest to divide
+        if not any(tp * dp == 1 or slots % (tp * dp) == 0 for tp in tps):
+            ep = tps[0] * dp
+            fields = {
+                (True, True): "tensorParallelSize x dataParallelSize",
+                (True, False): "tensorParallelSize (x any dataParallelSize)",
+                (False, True): "dataParallelSize (x any valid tensorParallelSize)",
+            }[(fixed_tp is not None, fixed_dp is not None)]
+            extra = (-arch.num_experts) % ep
+            raise PlanningError(
+                f"spec.parallelism.{fields} = EP{ep} does not divide {experts}: expert "
+                "parallelism (EP = TP x DP) gives every rank the same number of experts; choose "
+                f"sizes whose product divides {slots}, set a size to auto, or enable "
+                f"parallelism.eplb with redundantExperts {extra} (experts + redundantExperts "
+                "must divide by EP)"
+            )
+    if fixed_tp is not None and fixed_dp is not None:
+        world, sizes = fixed_tp * fixed_dp, _world_sizes(gpn, max_nodes)
+        total = world * pp
+        if world not in sizes or (total > gpn and total % gpn) or total > gpn * max_nodes:
+            raise PlanningError(
+                f"spec.parallelism.tensorParallelSize x dataParallelSize x pipelineParallelSize "
+                f"= {total} GPUs per replica cannot be placed: a replica takes a power of two up "
+                f"to resources.gpusPerNode ({gpn}) GPUs of one node, or whole nodes (a multiple "
+                f"of {gpn}, at most resources.maxNodesPerReplica x {gpn} = {gpn * max_nodes}); "
+                "choose sizes whose product is one of these, or auto"
+            )
+
+
 def _no_fit_message(
     spec: MoEDeploymentSpec,
     arch: Architecture,
@@ -467,6 +530,14 @@ def _no_fit_message(
         or spec.parallelism.data_parallel_size != "auto"
     ):
         tips.append("set parallelism sizes to auto")
+    if not problems:
+        return (
+            f"no layout of up to {largest} {unit} matches the explicit spec.parallelism sizes "
+            f"(tensorParallelSize {spec.parallelism.tensor_parallel_size}, dataParallelSize "
+            f"{spec.parallelism.data_parallel_size}, pipelineParallelSize "
+            f"{spec.parallelism.pipeline_parallel_size}); set them to auto or raise "
+            "resources.maxNodesPerReplica"
+        )
     detail = "; ".join(problems[-3:])
     return (
         f"{arch.key} does not fit: its weights take {need:.1f} GiB at {bpp:g} bytes/parameter, and "

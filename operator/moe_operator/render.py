@@ -6,8 +6,11 @@ Children of a MoEDeployment `<name>`:
   one worker group whose every "replica" is a multi-host slice of `numOfHosts` pods, so one Serve
   replica's EP ranks land on one slice and the in-tree autoscaler adds or removes whole slices.
   `serveConfigV2` imports `moe_serving.app:build_app` with the `AppConfig` built here.
-* Services `<name>-http` (OpenAI HTTP) and `<name>-grpc` (gRPC) over pods whose Serve proxy is
-  ready (KubeRay labels them `ray.io/serve=true`).
+  Its `serveService` shapes the Service KubeRay makes, `<name>-serve-svc` (HTTP and gRPC): KubeRay
+  points it at the pods of the one cluster that serves (`ray.io/cluster`) and switches it when
+  an upgrade's new cluster is ready.
+* Services `<name>-http` (OpenAI HTTP) and `<name>-grpc` (gRPC): DNS aliases (ExternalName) of
+  `<name>-serve-svc`, so clients never reach two clusters at once during an upgrade.
 * PodDisruptionBudget `<name>-workers`, and optionally NetworkPolicy `<name>`.
 """
 
@@ -47,6 +50,18 @@ RAY_UID = 1000  # the uid of the `ray` user in Ray's images
 
 HEAD_CPU = "4"
 HEAD_MEMORY = "16Gi"
+
+#: KubeRay puts the head container's ports named "serve" and "serve-*" into its serve Service
+#: (ray-operator/controllers/ray/common/service.go, isServingPort, KubeRay >= 1.6).
+SERVE_PORT_NAME = "serve"
+SERVE_GRPC_PORT_NAME = "serve-grpc"
+#: The cluster DNS domain of the ExternalName aliases (Kubernetes' default).
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def serve_service_name(name: str) -> str:
+    """KubeRay's serve Service of RayService `name` (utils.GenerateServeServiceName)."""
+    return f"{name}-serve-svc"
 
 
 @dataclass(frozen=True)
@@ -299,8 +314,8 @@ def _head_group(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, 
         {"name": "gcs", "containerPort": 6379},
         {"name": "dashboard", "containerPort": 8265},
         {"name": "client", "containerPort": 10001},
-        {"name": "serve", "containerPort": spec.serving.http_port},
-        {"name": "grpc", "containerPort": spec.serving.grpc_port},
+        {"name": SERVE_PORT_NAME, "containerPort": spec.serving.http_port},
+        {"name": SERVE_GRPC_PORT_NAME, "containerPort": spec.serving.grpc_port},
     ]
     return {
         # num-gpus 0: the head runs the Serve controller and proxies, never an engine rank.
@@ -338,9 +353,9 @@ def _worker_group(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str
     if accel.k8s_resource:
         limits[accel.k8s_resource] = gpus
         requests[accel.k8s_resource] = gpus
+    # Only the user's selector: a GPU product label is GPU Feature Discovery's (not a stated
+    # prerequisite) and its value differs between SXM, PCIe and NVL parts of one GPU type.
     node_selector = dict(spec.resources.node_selector)
-    if accel.node_label and accel.node_label_value:
-        node_selector.setdefault(accel.node_label, accel.node_label_value)
     pod_spec: dict[str, Any] = {
         "securityContext": _pod_security_context(),
         "containers": [
@@ -408,6 +423,7 @@ def ray_service(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, 
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
             "rayClusterConfig": cluster,
+            "serveService": serve_service(owner, spec),
         },
     }
     if spec.upgrade_strategy != "NewClusterWithIncrementalUpgrade":
@@ -416,7 +432,7 @@ def ray_service(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, 
         body["spec"]["upgradeStrategy"] = {
             "type": spec.upgrade_strategy,
             "clusterUpgradeOptions": {
-                "gatewayClassName": "istio",
+                "gatewayClassName": spec.gateway_class_name,
                 "stepSizePercent": 25,
                 "intervalSeconds": 60,
                 "maxSurgePercent": 100,
@@ -428,37 +444,87 @@ def ray_service(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, 
 # ------------------------------------------------------------------------------- other children
 
 
+def serve_service(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, Any]:
+    """RayService.spec.serveService: KubeRay keeps the selector (`ray.io/cluster` of the serving
+    cluster + `ray.io/serve=true`) and the name; our labels and the ports' appProtocol stay."""
+    labels = labels_for(owner.name, "serve")
+    # KubeRay manages this Service (its owner is the RayService), not this operator.
+    labels.pop(LABEL_MANAGED_BY)
+    return {
+        "metadata": {"name": serve_service_name(owner.name), "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "ports": [
+                {
+                    "name": SERVE_PORT_NAME,
+                    "port": spec.serving.http_port,
+                    "targetPort": spec.serving.http_port,
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+                {
+                    "name": SERVE_GRPC_PORT_NAME,
+                    "port": spec.serving.grpc_port,
+                    "targetPort": spec.serving.grpc_port,
+                    "protocol": "TCP",
+                    # HTTP/2 without TLS (gRPC), the standard value (KEP-3726).
+                    "appProtocol": "kubernetes.io/h2c",
+                },
+            ],
+        },
+    }
+
+
 def _service(owner: Owner, suffix: str, port: int, protocol_name: str) -> dict[str, Any]:
+    # A DNS alias of KubeRay's serve Service rather than a selector of our own: a selector on
+    # ray.io/serve=true matches the proxies of both clusters during a NewCluster upgrade, while
+    # KubeRay pins its Service to the serving cluster and switches it atomically.
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, f"{owner.name}-{suffix}", suffix),
         "spec": {
-            "type": "ClusterIP",
-            # KubeRay labels pods whose Serve proxy is healthy with ray.io/serve=true.
-            "selector": {LABEL_DEPLOYMENT: owner.name, "ray.io/serve": "true"},
+            "type": "ExternalName",
+            "externalName": (
+                f"{serve_service_name(owner.name)}.{owner.namespace}.svc.{CLUSTER_DOMAIN}"
+            ),
             "ports": [
                 {
                     "name": protocol_name,
                     "port": port,
-                    "targetPort": port,
                     "protocol": "TCP",
-                    "appProtocol": "grpc" if protocol_name == "grpc" else "http",
+                    "appProtocol": "kubernetes.io/h2c" if protocol_name == "grpc" else "http",
                 }
             ],
         },
     }
 
 
-def pod_disruption_budget(owner: Owner) -> dict[str, Any]:
-    """Voluntary evictions take one engine pod at a time (a lost pod stops its whole slice)."""
+def engine_min_available(plan: Plan) -> int:
+    """The PodDisruptionBudget's minAvailable: all engine pods of the replica floor but one.
+
+    The disruption controller counts pods, not slices, and one evicted pod stops its whole
+    multi-host slice; allowing one pod at a time (at the floor) takes down at most one replica
+    per eviction, and the next eviction waits until KubeRay's replacement pod is Ready. Above
+    the floor (autoscaled up), the extra pods may go too. An integer minAvailable because the
+    controller needs the owner's /scale for maxUnavailable or a percentage, and a RayCluster
+    has none (pkg/controller/disruption/disruption.go, getExpectedPodCount).
+    """
+    return max(plan.min_replicas * plan.nodes_per_replica - 1, 0)
+
+
+def pod_disruption_budget(owner: Owner, plan: Plan) -> dict[str, Any]:
+    """Voluntary evictions (node drains) of engine pods, one at a time at the replica floor."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(owner, f"{owner.name}-workers", "pdb"),
         "spec": {
-            "maxUnavailable": 1,
+            "minAvailable": engine_min_available(plan),
             "selector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_COMPONENT: "engine"}},
+            # A pod that is not Ready (e.g. of a slice that already broke) may always be
+            # evicted, so a broken slice never blocks a drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
@@ -472,6 +538,19 @@ def network_policy(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, Any]:
         else {"podSelector": {}}
     )
     own = {"podSelector": {"matchLabels": {LABEL_DEPLOYMENT: owner.name}}}
+    http_only = [{"protocol": "TCP", "port": spec.serving.http_port}]
+    # The operator's live status (GET /v1/moe/state) and Prometheus (/metrics) use the HTTP
+    # port from their own namespaces.
+    monitors: list[dict[str, Any]] = [
+        {"from": [_namespace_peer(np.operator_namespace)], "ports": http_only}
+    ]
+    if np.prometheus_namespace:
+        monitors.append(
+            {
+                "from": [_namespace_peer(np.prometheus_namespace, np.prometheus_pod_labels)],
+                "ports": http_only,
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -504,9 +583,19 @@ def network_policy(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, Any]:
                         {"protocol": "TCP", "port": spec.serving.http_port},
                     ],
                 },
+                *monitors,
             ],
         },
     }
+
+
+def _namespace_peer(namespace: str, pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    peer: dict[str, Any] = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    }
+    if pod_labels:
+        peer["podSelector"] = {"matchLabels": dict(pod_labels)}
+    return peer
 
 
 def check_renderable(spec: MoEDeploymentSpec) -> None:
@@ -529,7 +618,7 @@ def render(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> list[dict[str, 
         ray_service(owner, spec, plan),
         _service(owner, "http", spec.serving.http_port, "http"),
         _service(owner, "grpc", spec.serving.grpc_port, "grpc"),
-        pod_disruption_budget(owner),
+        pod_disruption_budget(owner, plan),
     ]
     if spec.network_policy.enabled:
         objects.append(network_policy(owner, spec))

@@ -34,12 +34,15 @@ class ServiceWebhookServer(kopf.WebhookServer):
 
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async for config in super().__call__(fn):
+            # kopf appends "/<handler id>" to the service path (admission._inject_handler_id),
+            # so the root path is "" here: "/" would become "//validate-spec", which the API
+            # server refuses (empty path segment), and the operator would crash-loop.
             service_config: dict[str, Any] = {
                 "service": {
                     "name": self.service,
                     "namespace": self.service_namespace,
                     "port": self.service_port,
-                    "path": (self.path or "").rstrip("/") or "/",
+                    "path": (self.path or "").rstrip("/"),
                 }
             }
             if "caBundle" in config:

@@ -6,10 +6,18 @@ calling over a full lifecycle (that test compares the recorded calls with the re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
+
+from moe_operator.api import MoEDeploymentSpec
+from moe_operator.planner import plan
+from moe_operator.render import Owner
+from moe_operator.render import render as render_children
 
 from .checks import all_rules, rule_problems
-from .helm_render import NAMESPACE, VALUE_SETS, Obj, by_kind, one, render
+from .helm_render import NAMESPACE, ROOT, VALUE_SETS, Obj, by_kind, crd_files, one, render
 
 Grants = dict[tuple[str, str], set[str]]
 
@@ -18,6 +26,8 @@ CRUD = {"get", "list", "watch", "create", "patch", "delete"}
 NAMESPACED: Grants = {
     ("serving.moeoperator.io", "moedeployments"): {"get", "list", "watch", "patch"},
     ("serving.moeoperator.io", "moedeployments/status"): {"patch"},
+    # Checked by the OwnerReferencesPermissionEnforcement admission plugin (see below).
+    ("serving.moeoperator.io", "moedeployments/finalizers"): {"update"},
     ("ray.io", "rayservices"): CRUD,
     ("", "services"): CRUD,
     ("policy", "poddisruptionbudgets"): CRUD,
@@ -128,3 +138,63 @@ def test_rbac_can_be_left_to_the_user() -> None:
     objs = render({"rbac": {"create": False}})
     kinds = {o["kind"] for o in objs}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+
+
+def _children() -> list[Obj]:
+    """Every child the operator renders for the cluster examples (NetworkPolicy included)."""
+    out: list[Obj] = []
+    for path in sorted((ROOT / "manifests" / "examples").glob("*.yaml")):
+        if "tiny" in path.name:
+            continue
+        manifest = yaml.safe_load(Path(path).read_text())
+        manifest["spec"]["networkPolicy"] = {"enabled": True}
+        spec = MoEDeploymentSpec.model_validate(manifest["spec"])
+        out += render_children(Owner("x", "ns", "uid"), spec, plan(spec))
+    return out
+
+
+def _plurals() -> dict[tuple[str, str], str]:
+    """(group, kind) -> plural of the chart's CRDs."""
+    out = {}
+    for path in crd_files():
+        crd = yaml.safe_load(path.read_text())
+        out[(crd["spec"]["group"], crd["spec"]["names"]["kind"])] = crd["spec"]["names"]["plural"]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_blocking_owner_references_are_backed_by_finalizers_rbac(name: str) -> None:
+    """With the OwnerReferencesPermissionEnforcement admission plugin (kubernetes
+    plugin/pkg/admission/gc/gc_admission.go: ownerRefToDeleteAttributeRecords asks for verb
+    `update` on the owner's `finalizers` subresource for every ownerReference that newly has
+    blockOwnerDeletion: true, and `delete` on the object whose ownerReferences change), a
+    child write without those grants is a 403. Every child the operator renders must be
+    writable under every value set's namespaced rules."""
+    objs = render(VALUE_SETS[name])
+    roles = by_kind(objs, "Role") or by_kind(objs, "ClusterRole")
+    plurals = _plurals()
+    children = _children()
+    assert any(
+        ref.get("blockOwnerDeletion") for c in children for ref in c["metadata"]["ownerReferences"]
+    )
+    for role in roles:
+        have = grants(role["rules"])
+        for child in children:
+            group = child["apiVersion"].rpartition("/")[0]
+            child_plural = {
+                "RayService": "rayservices",
+                "Service": "services",
+                "PodDisruptionBudget": "poddisruptionbudgets",
+                "NetworkPolicy": "networkpolicies",
+            }[child["kind"]]
+            assert "delete" in have.get((group, child_plural), set()), (name, child["kind"])
+            for ref in child["metadata"]["ownerReferences"]:
+                if not ref.get("blockOwnerDeletion"):
+                    continue
+                owner_group = ref["apiVersion"].rpartition("/")[0]
+                plural = plurals[(owner_group, ref["kind"])]
+                assert "update" in have.get((owner_group, f"{plural}/finalizers"), set()), (
+                    name,
+                    child["kind"],
+                    role["kind"],
+                )

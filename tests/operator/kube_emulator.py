@@ -14,14 +14,16 @@ HTTP server, request parsing and discovery endpoints and replaces the object han
 * watches that resume from a resourceVersion (410 Gone when it is too old), server timeouts;
 * label selectors on list / watch;
 * validating admission through the ValidatingWebhookConfigurations the operator registers
-  (a real HTTP round trip to kopf's webhook server);
+  (a real HTTP round trip to kopf's webhook server), and the API server's own validation of
+  those configurations (webhook_rules.py: a configuration it would refuse is a 422 here too);
 * the structural schema of kinds registered with one (our CRD, KubeRay's RayService when its CRDs
   are present; tests/k8s_schema.py): unknown fields pruned (`fieldValidation=Strict`: 400), nulls
   pruned, defaults filled in, types / enums / bounds / patterns / CEL rules checked (422 Invalid),
   and a server-side apply naming a field the schema lacks refused as kube-apiserver refuses it:
   HTTP 500 "failed to create typed patch object ...: field not declared in schema";
 * fault injection (any status code, Retry-After, dropped watch streams, a frozen API) and a
-  record of every request (verb, group, resource, subresource) for the RBAC check.
+  record of every request (verb, group, resource, subresource) for the RBAC check, plus the
+  authorization checks the OwnerReferencesPermissionEnforcement admission plugin makes.
 
 It is deliberately small: one write lock, the whole state in memory, no persistence.
 """
@@ -42,6 +44,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kmock
+import webhook_rules
 import yaml
 from k8s_schema import Schema
 from kmock._internal import rendering
@@ -101,7 +104,8 @@ class Call:
 
     @property
     def is_write(self) -> bool:
-        return self.verb in WRITE_VERBS
+        # An admission plugin's authorization check is not a request the client sent.
+        return self.verb in WRITE_VERBS and self.method != "AUTHORIZE"
 
     @property
     def is_resource(self) -> bool:
@@ -409,14 +413,17 @@ class ApiServer(kmock.KubernetesEmulator):
             return obj
         validation = call.params.get("fieldValidation") or "Warn"  # the server's default
         if call.verb == "create":
-            return await self.create(
+            created = await self.create(
                 kind, _body(request), namespace=ns, admit=True, field_validation=validation
             )
+            self._gc_admission_checks(call, kind, created, None)
+            return created
         if call.verb == "patch":
+            before = self.find(kind, ns, request.name or "")
             call.created = call.content_type.startswith("application/apply-patch") and (
-                self.find(kind, ns, request.name or "") is None
+                before is None
             )
-            return await self.modify(
+            after = await self.modify(
                 kind,
                 ns,
                 request.name or "",
@@ -426,9 +433,47 @@ class ApiServer(kmock.KubernetesEmulator):
                 field_manager=call.params.get("fieldManager", ""),
                 field_validation=validation,
             )
+            self._gc_admission_checks(call, kind, after, before)
+            return after
         if call.verb == "delete":
             return await self.destroy(kind, ns, request.name or "")
         raise ApiError(405, "MethodNotAllowed", f"{call.method} is not served")
+
+    def _gc_admission_checks(self, call: Call, kind: Kind, new: Obj, old: Obj | None) -> None:
+        """Record the authorization checks of the OwnerReferencesPermissionEnforcement admission
+        plugin (kubernetes plugin/pkg/admission/gc/gc_admission.go) as calls of the same client:
+        changing ownerReferences needs `delete` on the object itself, and each ownerReference
+        that newly has blockOwnerDeletion: true needs `update` on the owner's `finalizers`
+        subresource. The RBAC tests then see them like any other call the operator makes."""
+        new_refs = new.get("metadata", {}).get("ownerReferences") or []
+        old_refs = (old or {}).get("metadata", {}).get("ownerReferences") or []
+        if new_refs == old_refs:
+            return
+        checks = [(kind.group, kind.plural)]
+        was_blocking = {r.get("uid") for r in old_refs if r.get("blockOwnerDeletion")}
+        for ref in new_refs:
+            if not ref.get("blockOwnerDeletion") or ref.get("uid") in was_blocking:
+                continue
+            group = ref["apiVersion"].rpartition("/")[0]
+            owners = [k for k in self.kinds.values() if (k.group, k.kind) == (group, ref["kind"])]
+            checks += [(o.group, f"{o.plural}/finalizers") for o in owners]
+        for group, resource in checks:
+            self.calls.append(
+                Call(
+                    id=len(self.calls),
+                    method="AUTHORIZE",
+                    verb="update" if resource.endswith("/finalizers") else "delete",
+                    group=group,
+                    version=None,
+                    resource=resource,
+                    namespace=call.namespace,
+                    name=None,
+                    user_agent=call.user_agent,
+                    content_type="",
+                    token=call.token,
+                    status=200,
+                )
+            )
 
     # ------------------------------------------------------------------------ operations
 
@@ -493,6 +538,7 @@ class ApiServer(kmock.KubernetesEmulator):
         meta = body["metadata"]
         if admit:
             await self._admit(kind, "CREATE", body, None)
+        self._validate(kind, body)
         # From here on no await: the check and the commit are atomic on the event loop.
         if key in self.store:
             raise ApiError(409, "AlreadyExists", f'{kind.plural} "{name}" already exists')
@@ -539,6 +585,7 @@ class ApiServer(kmock.KubernetesEmulator):
             new = self._schema_check(kind, new, old, "Ignore" if apply else field_validation)
             if new == old:
                 return copy.deepcopy(old)  # a no-op write does not bump resourceVersion
+            self._validate(kind, new)
             if subresource in (None, "scale"):
                 await self._admit(kind, "UPDATE", new, old)
                 if self.store.get(key) is not old:
@@ -591,6 +638,16 @@ class ApiServer(kmock.KubernetesEmulator):
             self.schema_rejections.append((422, message))
             raise ApiError(422, "Invalid", message)
         return stored
+
+    @staticmethod
+    def _validate(kind: Kind, obj: Obj) -> None:
+        """The API server's validation of the kinds where the operator's writes could fail it."""
+        if kind.key == WEBHOOKS.key:
+            # The one relaxation: the operator's local mode registers a plain-http URL for a
+            # local API server (tests); a real API server accepts https only.
+            problems = webhook_rules.configuration_problems(obj, require_https=False)
+            if problems:
+                raise ApiError(422, "Invalid", f"{kind.kind} is invalid: " + "; ".join(problems))
 
     def _patched(
         self,

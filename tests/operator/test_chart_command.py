@@ -219,6 +219,9 @@ async def test_chart_command_line_runs_the_whole_lifecycle_within_its_rbac(
             message="scaled RayService",
         )
         await kuberay.serve("mixtral")
+        # Ready replicas come from the Serve app's own count (the live state) once it is read.
+        stub.loads[(NS, "mixtral")].running_replicas = 2
+        stub.loads[(NS, "mixtral")].target_replicas = 2
         await eventually(
             lambda: api.read(MOED, NS, "mixtral")["status"].get("readyReplicas") == 2,
             message="readyReplicas 2",

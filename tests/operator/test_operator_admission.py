@@ -12,17 +12,20 @@ from typing import Any
 import kopf
 import kube_emulator as em
 import pytest
+import webhook_rules
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from operator_harness import EXAMPLES, MOED, Operator, eventually, example, mixtral
+from operator_harness import EXAMPLES, MOED, Operator, eventually, example, free_port, mixtral
 from rbac_record import granted, helm, used, without
 
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.handlers import validate_moedeployment
 
-CLUSTER_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != "tiny-cpu.yaml")
+CLUSTER_EXAMPLES = sorted(
+    p.name for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("tiny-cpu")
+)
 #: Map-typed fields: any key is valid there, so "unknown key" mutations skip them.
-MAP_FIELDS = {"nodeSelector", "allowedClientLabels", "engineArgs"}
+MAP_FIELDS = {"nodeSelector", "allowedClientLabels", "prometheusPodLabels", "engineArgs"}
 
 
 def validate(body: dict[str, Any], operation: str = "CREATE", old: Any = None) -> None:
@@ -185,3 +188,80 @@ async def test_webhook_round_trip_through_the_api(api: em.ApiServer, operator: O
     }
     extra = without(granted(helm.render({"webhook": {"enabled": True}})), granted(helm.render({})))
     assert webhook_calls == extra
+
+
+async def test_service_webhook_configuration_passes_the_api_servers_validation(
+    api: em.ApiServer, operator: Operator, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The configuration kopf writes for the chart's webhook Service (webhook.enabled=true) is
+    one the API server accepts. Rules: kubernetes pkg/apis/admissionregistration/validation/
+    validation.go (validateValidatingWebhook) and k8s.io/apiserver pkg/util/webhook/
+    validation.go (ValidateWebhookService: the path starts with '/', no empty segment). The
+    emulator refuses a write that breaks them, as the API server does; kopf's own
+    configuration manager (admission.build_webhooks / _inject_handler_id) builds the object.
+    Before the fix the service path was "/" and kopf made it "//validate-spec": a 422, and the
+    operator crash-looped."""
+    monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_LOCAL", "false")
+    monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_SERVICE", "moe-operator-webhook")
+    monkeypatch.setenv("MOE_OPERATOR_NAMESPACE", "moe-system")
+    monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_SERVICE_PORT", "443")
+    monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_PORT", str(free_port()))
+    monkeypatch.setenv("MOE_OPERATOR_WEBHOOK_CERT_DIR", str(tmp_path / "certs"))
+    await operator.start()
+    configs = await eventually(
+        lambda: [c for c in api.list_items(em.WEBHOOKS) if c.get("webhooks")], message="webhook"
+    )
+    (config,) = configs
+    assert webhook_rules.configuration_problems(config) == []
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["service"] == {
+        "name": "moe-operator-webhook",
+        "namespace": "moe-system",
+        "port": 443,
+        "path": "/validate-spec",
+    }
+    assert hook["clientConfig"]["caBundle"]
+
+
+def test_webhook_rules_catch_what_the_api_server_refuses() -> None:
+    """The checker is not vacuous: the old "//validate-spec" path and other refusals of
+    ValidateWebhookService / validateValidatingWebhook are reported."""
+    good = {
+        "metadata": {"name": "moe-operator.serving.moeoperator.io"},
+        "webhooks": [
+            {
+                "name": "validate-spec.moe-operator.serving.moeoperator.io",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "rules": [
+                    {
+                        "apiGroups": ["serving.moeoperator.io"],
+                        "apiVersions": ["v1alpha1"],
+                        "resources": ["moedeployments"],
+                        "operations": ["CREATE", "UPDATE"],
+                    }
+                ],
+                "clientConfig": {
+                    "service": {"name": "s", "namespace": "n", "port": 443, "path": "/x"},
+                    "caBundle": "Y2E=",
+                },
+            }
+        ],
+    }
+    assert webhook_rules.configuration_problems(good) == []
+    for path, value in [
+        (("clientConfig", "service", "path"), "//validate-spec"),
+        (("clientConfig", "service", "path"), "validate-spec"),
+        (("clientConfig", "service", "path"), "/Validate_Spec"),
+        (("clientConfig", "service", "port"), 0),
+        (("clientConfig", "service", "name"), ""),
+        (("clientConfig", "caBundle"), ""),
+        (("clientConfig",), {"url": "http://x/y"}),
+        (("sideEffects",), "Some"),
+        (("timeoutSeconds",), 31),
+        (("name",), "validate-spec"),
+        (("admissionReviewVersions",), ["v2"]),
+    ]:
+        bad = copy.deepcopy(good)
+        set_path(bad["webhooks"][0], path, value)
+        assert webhook_rules.configuration_problems(bad), (path, value)

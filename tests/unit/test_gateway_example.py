@@ -1,5 +1,6 @@
 """manifests/gateway/grpc-tls.yaml (TLS for gRPC in front of Ray Serve's plaintext proxy)
-routes to the gRPC Service the operator renders for the example it names."""
+routes to the gRPC port of KubeRay's serve Service, as the operator shapes it (serveService)
+for the example it names."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ def test_route_targets_the_rendered_grpc_service_and_our_grpc_service_name() -> 
     body["metadata"] = {"name": "mixtral", "namespace": "llm"}
     spec = MoEDeploymentSpec.model_validate(body["spec"])
     children = render(Owner("mixtral", "llm", "uid"), spec, plan(spec))
-    services = {o["metadata"]["name"]: o for o in children if o["kind"] == "Service"}
+    # A real Service (Gateway backends cannot be ExternalName aliases): KubeRay's serve Service.
+    serve = children[0]["spec"]["serveService"]
     backend = route["spec"]["rules"][0]["backendRefs"][0]
-    assert backend["name"] in services
-    ports = [p["port"] for p in services[backend["name"]]["spec"]["ports"]]
-    assert backend["port"] in ports
+    assert backend["name"] == serve["metadata"]["name"]
+    (port,) = [p for p in serve["spec"]["ports"] if p["port"] == backend["port"]]
+    assert port["name"].startswith("serve-") and port["appProtocol"] == "kubernetes.io/h2c"
     assert route["metadata"]["namespace"] == gateway["metadata"]["namespace"] == "llm"
     # The route matches the gRPC service our proto declares.
     proto = PROTO.read_text()

@@ -37,7 +37,10 @@ def _layouts() -> dict[str, dict[str, Any]]:
             "replicas": 3,
             "resources": {"accelerator": "H100-80GB", "gpusPerNode": 4},
         },
-        "incremental-upgrade": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"},
+        "incremental-upgrade": {
+            "upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+            "gatewayClassName": "istio",
+        },
         "tracing-and-api-key": {
             "tracing": {"enabled": True, "endpoint": "http://otel.observability:4317"},
             "serving": {"apiKeySecretRef": {"name": "api-key"}, "httpPort": 8080},

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from unit_support import CLUSTER_EXAMPLES, load
 
 from moe_operator.api import MoEDeploymentSpec
@@ -236,3 +239,82 @@ def test_plan_reports_cost_with_its_assumption() -> None:
     assert p.cost_per_million_output_tokens == pytest.approx(
         4.0 / (p.assumed_output_tokens_per_s * 3600) * 1e6, rel=1e-3
     )
+
+
+def test_tp_that_does_not_divide_the_heads_names_the_field_and_rule() -> None:
+    # Before: "does not fit ... ()" and advice to add GPUs.
+    with pytest.raises(PlanningError) as info:
+        plan(spec(parallelism={"tensorParallelSize": 3}))
+    message = str(info.value)
+    assert "spec.parallelism.tensorParallelSize 3 does not divide" in message
+    assert "attention heads" in message and "does not fit" not in message
+
+
+SIZES = st.one_of(st.just("auto"), st.integers(min_value=1, max_value=16))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(sorted(ARCHITECTURES)),
+    tp=SIZES,
+    dp=SIZES,
+    gpus_per_node=st.sampled_from([1, 2, 4, 6, 8]),
+    max_nodes=st.integers(min_value=1, max_value=8),
+    redundant=st.sampled_from([0, 0, 2, 4]),
+    accelerator=st.sampled_from(["A100-80GB", "H200-141GB", "L40S-48GB"]),
+)
+def test_explicit_sizes_plan_or_name_the_broken_rule(
+    arch: str,
+    tp: Any,
+    dp: Any,
+    gpus_per_node: int,
+    max_nodes: int,
+    redundant: int,
+    accelerator: str,
+) -> None:
+    """Explicit TP / DP either give a plan that uses them, or an error that names the field and
+    its rule (heads % TP, experts % EP with EP = TP x DP, placeable replica sizes); never an
+    empty list of tried layouts."""
+    entry = ARCHITECTURES[arch]
+    try:
+        s = spec(
+            model={"name": "m", "source": "hf://x/y", "architecture": arch, "quantization": "fp8"},
+            parallelism={
+                "tensorParallelSize": tp,
+                "dataParallelSize": dp,
+                "eplb": {"enabled": redundant > 0, "redundantExperts": redundant},
+            },
+            resources={
+                "accelerator": accelerator,
+                "gpusPerNode": gpus_per_node,
+                "maxNodesPerReplica": max_nodes,
+            },
+        )
+    except ValidationError:
+        return  # e.g. TP beyond gpusPerNode bounds of the model: not the planner's business
+    slots = entry.num_experts + redundant
+    try:
+        p = plan(s)
+    except PlanningError as err:
+        message = str(err)
+        assert "()" not in message, message
+        assert "spec." in message or "resources." in message, message
+        if tp != "auto" and tp <= gpus_per_node and entry.num_attention_heads % tp:
+            assert "tensorParallelSize" in message and "attention heads" in message, message
+        elif (
+            tp != "auto"
+            and dp != "auto"
+            and tp <= gpus_per_node
+            and tp * dp > 1
+            and slots % (tp * dp)
+        ):
+            assert "dataParallelSize" in message and "experts" in message, message
+            assert "does not fit" not in message, message
+        return
+    if tp != "auto":
+        assert p.tensor_parallel_size == tp
+    if dp != "auto":
+        assert p.data_parallel_size == dp
+    assert entry.num_attention_heads % p.tensor_parallel_size == 0
+    if p.expert_parallel_size > 1:
+        assert (entry.num_experts + p.redundant_experts) % p.expert_parallel_size == 0

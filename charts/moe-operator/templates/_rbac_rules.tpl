@@ -40,6 +40,13 @@ namespaced:
   - apiGroups: ["serving.moeoperator.io"]
     resources: ["moedeployments/status"]
     verbs: ["patch"]
+  # Children carry ownerReferences with blockOwnerDeletion: true; the API server's
+  # OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift and many hardened
+  # clusters) then requires update on the owner's finalizers subresource, else every child
+  # write is a 403. Nothing calls this subresource itself.
+  - apiGroups: ["serving.moeoperator.io"]
+    resources: ["moedeployments/finalizers"]
+    verbs: ["update"]
   # Children the operator owns.
   - apiGroups: ["ray.io"]
     resources: ["rayservices"]
