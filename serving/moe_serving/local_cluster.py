@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -92,12 +93,22 @@ class LocalCluster:
         self.dashboard_port = _free_port() if dashboard else None
         self.dashboard = dashboard
         self.temp_dir = temp_dir
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        # Token auth on every node and for this process's driver: the cluster is not open to
+        # other local users, and a ~/.ray/auth_token left by another cluster cannot make the
+        # nodes disagree about auth (a worker then fails to join with InvalidAuthToken).
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth, **(env or {})}
         self.nodes: list[LocalNode] = []
+        self._saved_env: dict[str, str | None] = {}
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What a client of the dashboard's REST API presents."""
+        return {"Authorization": f"Bearer {self.auth['RAY_AUTH_TOKEN']}"}
 
     @property
     def dashboard_url(self) -> str | None:
@@ -109,6 +120,15 @@ class LocalCluster:
         )
 
     def start(self) -> LocalCluster:
+        # The driver (ray.init in this process) must present the same token, in token mode.
+        # Ray caches its auth mode when imported and ray.init(address=...) never turns it on
+        # by itself (ray/_private/worker.py), so the mode is switched the way Ray switches it
+        # for a new local cluster (authentication_token_setup._enable_token_auth).
+        self._saved_env = {key: os.environ.get(key) for key in self.auth}
+        os.environ.update(self.auth)
+        from ray._private.authentication import authentication_token_setup
+
+        authentication_token_setup._enable_token_auth()
         args = [
             "start",
             "--head",
@@ -179,7 +199,15 @@ class LocalCluster:
         return self.nodes[index]
 
     def stop(self) -> None:
-        self._ray("stop", "--force", timeout=120)
+        try:
+            self._ray("stop", "--force", timeout=120)
+        finally:
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._saved_env = {}
 
     def __enter__(self) -> LocalCluster:
         return self.start()

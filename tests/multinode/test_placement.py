@@ -109,13 +109,14 @@ def _render(manifest: dict[str, Any], tmp: Path) -> dict[str, Any]:
     return next(o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] == "RayService")
 
 
-def _deploy(dashboard: str, config: dict[str, Any]) -> dict[str, Any]:
-    put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60)
+def _deploy(dashboard: str, config: dict[str, Any], auth: dict[str, str]) -> dict[str, Any]:
+    # With token auth, as the rendered RayService asks KubeRay for (authOptions.mode: token).
+    put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, headers=auth, timeout=60)
     assert put.status_code == 200, put.text
     deadline = time.monotonic() + 600
     state: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        state = httpx.get(f"{dashboard}/api/serve/applications/", timeout=30).json()
+        state = httpx.get(f"{dashboard}/api/serve/applications/", headers=auth, timeout=30).json()
         app = (state.get("applications") or {}).get("moe") or {}
         if app.get("status") == "RUNNING":
             return state
@@ -184,7 +185,7 @@ def placed(
         serve_config["http_options"]["port"] = _free_port()
         serve_config["grpc_options"]["port"] = _free_port()
         assert cluster.dashboard_url is not None
-        state = _deploy(cluster.dashboard_url, serve_config)
+        state = _deploy(cluster.dashboard_url, serve_config, cluster.auth_headers)
         yield the_plan, _replicas(_records()), state, cluster
     finally:
         ray.shutdown()
