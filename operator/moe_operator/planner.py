@@ -388,6 +388,14 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         notes.append(f"{best.redundant} redundant experts make {arch.num_experts} divide by EP")
     if not spec.parallelism.expert_parallel:
         notes.append("expert parallelism off: experts are tensor-sharded on every rank")
+    if nodes > best.dp:
+        # One Serve replica per DP rank: a node holding only pipeline-stage ranks of an engine
+        # hosts no Serve replica, hence no Serve proxy, which KubeRay's worker probe checks.
+        notes.append(
+            f"{nodes - best.dp} of the {nodes} nodes per replica hold only pipeline stages: "
+            "their worker pods take no traffic and stay NotReady under KubeRay's probe; the "
+            "MoEDeployment's readiness comes from the serving application"
+        )
     hourly = round(price * total, 4)
     estimate = decode_roofline(
         arch,

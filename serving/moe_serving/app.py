@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from moe_serving import autoscaling, body_checks, dp_group, grpc_api, live_state, schemas, tracing
 from moe_serving.config import AppConfig
 from moe_serving.engine import EngineServer, Kind, error_body
+from moe_serving.grpc_servicer import SERVICE as SERVICE_NAME
 from moe_serving.grpc_servicer import UndecodableRequest, decode
 from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text
 from moe_serving.proto import inference_pb2 as pb
@@ -279,10 +280,18 @@ class GrpcAbort(Exception):
     """Raised after setting the gRPC status on the context; Ray Serve's proxy sends that status."""
 
 
-def _abort_grpc(grpc_context: Any, code: Any, message: str) -> None:
+def _abort_grpc(
+    grpc_context: Any, code: Any, message: str, retry_after_s: int | None = None
+) -> None:
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(message)
+        if retry_after_s:
+            # gRPC's retry pushback (grpc/proposal A6-client-retries.md): a client with a
+            # retry policy waits this long before its next attempt, like HTTP's Retry-After.
+            grpc_context.set_trailing_metadata(
+                [("grpc-retry-pushback-ms", str(int(retry_after_s * 1000)))]
+            )
     raise GrpcAbort(f"{code.name}: {message}")
 
 
@@ -613,7 +622,12 @@ class Ingress:
                     if not head["stream"]:  # refused before streaming: an error body
                         payload = await events.__anext__()
                         refusal = grpc_api.error_message(payload) or "request failed"
-                        raise _ClientError(head["status"], refusal, reason=head["reason"])
+                        raise _ClientError(
+                            head["status"],
+                            refusal,
+                            retry_after_s=head.get("retry_after_s"),
+                            reason=head["reason"],
+                        )
                     async for chunk in events:
                         for payload in grpc_api.parse_sse(chunk):
                             failure = grpc_api.error_message(payload)
@@ -627,7 +641,9 @@ class Ingress:
                 raise _replica_lost(exc) from exc
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
-            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
+            _abort_grpc(
+                grpc_context, _grpc_code(exc.status, exc.reason), str(exc), exc.retry_after_s
+            )
         finally:
             if gen is not None:
                 gen.cancel()
@@ -673,6 +689,79 @@ class Ingress:
 
         return await self._traced_rpc(grpc_context, "Health", answer)
 
+    # ---- grpc.health.v1 (the standard health service; grpc/grpc doc/health-checking.md) ----
+
+    #: Services this server reports on: "" is the server as a whole (what probes ask).
+    HEALTH_SERVICES = ("", SERVICE_NAME)
+    WATCH_INTERVAL_S = 2.0
+
+    async def _health_status(self) -> int:
+        from grpc_health.v1 import health_pb2
+
+        try:
+            status = await self.engine.health.remote()
+        except Exception:  # no replica to ask (being replaced): not serving
+            return int(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return int(
+            health_pb2.HealthCheckResponse.SERVING
+            if status["healthy"]
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    def _health_service(self, request: Any, grpc_context: Any) -> str:
+        import grpc
+        from grpc_health.v1 import health_pb2
+
+        try:
+            service = decode(request, health_pb2.HealthCheckRequest).service
+        except UndecodableRequest as exc:
+            _abort_grpc(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if service not in self.HEALTH_SERVICES:
+            # The protocol: Check answers NOT_FOUND for a service the server does not know.
+            _abort_grpc(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        return service
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        async def answer() -> Any:
+            self._health_service(request, grpc_context)
+            return health_pb2.HealthCheckResponse(status=await self._health_status())
+
+        return await self._traced_rpc(grpc_context, "grpc.health.v1.Check", answer)
+
+    async def List(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        async def answer() -> Any:
+            status = await self._health_status()
+            return health_pb2.HealthListResponse(
+                statuses={
+                    name: health_pb2.HealthCheckResponse(status=status)
+                    for name in self.HEALTH_SERVICES
+                }
+            )
+
+        return await self._traced_rpc(grpc_context, "grpc.health.v1.List", answer)
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        """The current status at once, then each change, until the client goes away. An
+        unknown service is SERVICE_UNKNOWN in the stream (not an error), as the protocol says."""
+        from grpc_health.v1 import health_pb2
+
+        service = decode(request, health_pb2.HealthCheckRequest).service
+        last: int | None = None
+        while True:
+            status = (
+                await self._health_status()
+                if service in self.HEALTH_SERVICES
+                else int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            )
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(self.WATCH_INTERVAL_S)
+
     async def _grpc_unary(
         self,
         kind: Kind,
@@ -707,11 +796,18 @@ class Ingress:
                     gen.cancel()
             if head["status"] != 200:
                 message = grpc_api.error_message(payload) or "request failed"
-                raise _ClientError(head["status"], message, reason=head["reason"])
+                raise _ClientError(
+                    head["status"],
+                    message,
+                    retry_after_s=head.get("retry_after_s"),
+                    reason=head["reason"],
+                )
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
             self.metrics.observe("grpc", method, code, started, span)
-            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
+            _abort_grpc(
+                grpc_context, _grpc_code(exc.status, exc.reason), str(exc), exc.retry_after_s
+            )
         self.metrics.observe("grpc", method, "OK", started, span)
         return to_response(payload)
 

@@ -142,4 +142,8 @@ class AppConfig(_Strict):
 #: What a Serve config (RayService serveConfigV2 or a local run) points at.
 APP_IMPORT_PATH = "moe_serving.app:build_app"
 APP_NAME = "moe"
-GRPC_SERVICER_FUNCTIONS = ["moe_serving.grpc_servicer.add_InferenceServiceServicer_to_server"]
+GRPC_SERVICER_FUNCTIONS = [
+    "moe_serving.grpc_servicer.add_InferenceServiceServicer_to_server",
+    # The standard grpc.health.v1 service: Kubernetes gRPC probes, grpc_health_probe, meshes.
+    "moe_serving.grpc_servicer.add_HealthServicer_to_server",
+]

@@ -1,5 +1,9 @@
-"""Registers `moe.inference.v1.InferenceService` with Ray Serve's gRPC proxy (the function
-named in `grpc_servicer_functions`).
+"""Registers `moe.inference.v1.InferenceService` and the standard `grpc.health.v1.Health`
+service with Ray Serve's gRPC proxy (the functions named in `grpc_servicer_functions`).
+
+`grpc.health.v1.Health` (Check and Watch, grpc/grpc doc/health-checking.md) is what
+Kubernetes' gRPC probes, `grpc_health_probe` and service meshes call; the proxy routes its
+methods to the ingress's `Check` / `Watch` like our own RPCs.
 
 Unlike the generated `add_InferenceServiceServicer_to_server`, requests are not parsed in the
 proxy: the proxy forwards the raw bytes, and the ingress parses them (`decode`). A message that
@@ -18,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from moe_serving.proto import inference_pb2 as pb
 
 SERVICE = "moe.inference.v1.InferenceService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 M = TypeVar("M", bound=Message)
 
@@ -62,3 +67,24 @@ def add_InferenceServiceServicer_to_server(servicer: Any, server: Any) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     if hasattr(server, "add_registered_method_handlers"):
         server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def add_HealthServicer_to_server(servicer: Any, server: Any) -> None:
+    """`grpc.health.v1.Health` (Check, List, Watch), request bytes parsed by the ingress."""
+    from grpc_health.v1 import health_pb2
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(servicer.Check, response_serializer=serialize),
+        "List": grpc.unary_unary_rpc_method_handler(
+            servicer.List, response_serializer=health_pb2.HealthListResponse.SerializeToString
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, response_serializer=serialize
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),)
+    )
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(HEALTH_SERVICE, handlers)

@@ -19,7 +19,6 @@ from typing import Any, TextIO
 
 from moe_serving.config import GRPC_SERVICER_FUNCTIONS, AppConfig
 
-GRPC_SERVICER_FUNCTION = GRPC_SERVICER_FUNCTIONS[0]
 GRPC_SERVICE = "moe.inference.v1.InferenceService"
 
 
@@ -37,7 +36,7 @@ def serve_options(
     its own per-request deadline (`AppConfig.request_timeout_s`).
     """
     http: dict[str, Any] = {"host": host, "port": http_port}
-    grpc: dict[str, Any] = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]}
+    grpc: dict[str, Any] = {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
     if request_timeout_s is not None:
         http["request_timeout_s"] = request_timeout_s
         grpc["request_timeout_s"] = request_timeout_s

@@ -13,8 +13,8 @@ from moe_serving.app import (
     ingress_deployment_options,
     initial_replicas,
 )
-from moe_serving.config import AppConfig
-from moe_serving.local import GRPC_SERVICER_FUNCTION, serve_options
+from moe_serving.config import GRPC_SERVICER_FUNCTIONS, AppConfig
+from moe_serving.local import serve_options
 from moe_serving.vllm_args import (
     EngineArgsError,
     build_namespace,
@@ -169,12 +169,13 @@ def test_serve_options_name_the_grpc_servicer() -> None:
     assert options["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert options["grpc_options"] == {
         "port": 9000,
-        "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION],
+        "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS,
     }
-    # The servicer function must be importable where the proxies run.
-    module, _, name = GRPC_SERVICER_FUNCTION.rpartition(".")
-    imported = __import__(module, fromlist=[name])
-    assert callable(getattr(imported, name))
+    # The servicer functions must be importable where the proxies run.
+    for function in GRPC_SERVICER_FUNCTIONS:
+        module, _, name = function.rpartition(".")
+        imported = __import__(module, fromlist=[name])
+        assert callable(getattr(imported, name))
 
 
 def test_servicer_registers_every_rpc_and_leaves_parsing_to_the_ingress() -> None:
@@ -199,9 +200,16 @@ def test_servicer_registers_every_rpc_and_leaves_parsing_to_the_ingress() -> Non
         def __getattr__(self, name: str) -> Any:
             return lambda *args: None
 
+    from grpc_health.v1 import health_pb2_grpc
+
+    from moe_serving.grpc_servicer import add_HealthServicer_to_server
+
     ours, theirs = Capture(), Capture()
     add_InferenceServiceServicer_to_server(Stub(), ours)
     generated.add_InferenceServiceServicer_to_server(Stub(), theirs)
+    # The standard health service, against grpcio-health-checking's own registration.
+    add_HealthServicer_to_server(Stub(), ours)
+    health_pb2_grpc.add_HealthServicer_to_server(Stub(), theirs)
     assert ours.handlers.keys() == theirs.handlers.keys()  # every RPC of the proto
     for key, handler in ours.handlers.items():
         other = theirs.handlers[key]
