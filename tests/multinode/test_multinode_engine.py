@@ -87,9 +87,9 @@ def serve_on_two_nodes(config: AppConfig) -> Iterator[Served]:
             cluster.stop()
 
 
-def completion_tokens(base: str, prompt_ids: list[int], timeout: float = 300) -> list[int]:
-    """Greedy completion of token ids; the token ids of the answer (logprobs carry them)."""
-    reply = httpx.post(
+def greedy_reply(base: str, prompt_ids: list[int], timeout: float = 300) -> httpx.Response:
+    """A greedy completion of token ids that also returns the answer's token ids."""
+    return httpx.post(
         f"{base}/v1/completions",
         json={
             "model": "tiny-moe",
@@ -101,6 +101,11 @@ def completion_tokens(base: str, prompt_ids: list[int], timeout: float = 300) ->
         },
         timeout=timeout,
     )
+
+
+def completion_tokens(base: str, prompt_ids: list[int], timeout: float = 300) -> list[int]:
+    """The token ids of a greedy completion (vLLM's return_token_ids)."""
+    reply = greedy_reply(base, prompt_ids, timeout)
     assert reply.status_code == 200, reply.text
     return list(reply.json()["choices"][0]["token_ids"])
 

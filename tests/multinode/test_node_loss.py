@@ -33,6 +33,7 @@ from test_multinode_engine import (
     Served,
     completion_tokens,
     dp_ep_config,
+    greedy_reply,
     serve_on_two_nodes,
 )
 
@@ -215,18 +216,7 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
     deadline = time.monotonic() + 600
     got: list[int] | None = None
     while time.monotonic() < deadline:
-        reply = httpx.post(
-            f"{app.http}/v1/completions",
-            json={
-                "model": "tiny-moe",
-                "prompt": prompt_ids,
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-                "ignore_eos": True,
-                "return_token_ids": True,
-            },
-            timeout=120,
-        )
+        reply = greedy_reply(app.http, prompt_ids, timeout=120)
         if reply.status_code == 200:
             got = reply.json()["choices"][0]["token_ids"]
             break
