@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from test_multinode_engine import (
+from two_nodes import (
     MAX_TOKENS,
     Served,
     completion_tokens,

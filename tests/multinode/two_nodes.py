@@ -1,0 +1,90 @@
+"""A 2-node local Ray cluster serving one DP2 x EP2 replica with real vLLM on the CPU (shared by
+the multi-node engine tests): the config, the start/stop, and the greedy request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from moe_serving.config import AppConfig
+from moe_serving.local_cluster import LocalCluster, NodeShape, _free_port
+
+MAX_TOKENS = 8
+
+
+def dp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
+    return AppConfig.model_validate(
+        {
+            "deployment_name": name,
+            "engine": {
+                "model": str(model_dir),
+                "served_model_name": "tiny-moe",
+                "dtype": "float32",
+                "max_model_len": 512,
+                "tensor_parallel_size": 1,
+                "data_parallel_size": 2,
+                "enable_expert_parallel": True,
+                "enforce_eager": True,
+                "distributed_executor_backend": "mp",
+            },
+            "resources": {"num_cpus_per_rank": 1, "placement_strategy": "PACK"},
+            "request_timeout_s": 300,
+        }
+    )
+
+
+class Served:
+    """A local 2-node cluster serving one app (HTTP base URL, gRPC target, the cluster)."""
+
+    def __init__(self, cluster: LocalCluster, http: str, grpc: str) -> None:
+        self.cluster, self.http, self.grpc = cluster, http, grpc
+
+
+def serve_on_two_nodes(config: AppConfig) -> Iterator[Served]:
+    import ray
+    from ray import serve
+
+    from moe_serving.app import build_app
+    from moe_serving.local import serve_options
+
+    cluster = LocalCluster([NodeShape(num_cpus=1)] * 2, head=NodeShape(num_cpus=0))
+    cluster.start()
+    http_port, grpc_port = _free_port(), _free_port()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, namespace="multinode")
+        cluster.wait_for_nodes()
+        options = serve_options(http_port, grpc_port, host="127.0.0.1")
+        serve.start(proxy_location="HeadOnly", **options)
+        serve.run(build_app(config.model_dump(mode="json")), name="moe", route_prefix="/")
+        yield Served(cluster, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.stop()
+
+
+def greedy_reply(base: str, prompt_ids: list[int], timeout: float = 300) -> httpx.Response:
+    """A greedy completion of token ids that also returns the answer's token ids."""
+    return httpx.post(
+        f"{base}/v1/completions",
+        json={
+            "model": "tiny-moe",
+            "prompt": prompt_ids,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+        timeout=timeout,
+    )
+
+
+def completion_tokens(base: str, prompt_ids: list[int], timeout: float = 300) -> list[int]:
+    """The token ids of a greedy completion (vLLM's return_token_ids)."""
+    reply = greedy_reply(base, prompt_ids, timeout)
+    assert reply.status_code == 200, reply.text
+    return list(reply.json()["choices"][0]["token_ids"])
