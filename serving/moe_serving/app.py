@@ -180,31 +180,37 @@ class LLMEngine:
 
 
 class _EngineAvailability:
-    """Whether any whole engine replica runs, from the Serve controller, read at most once a
-    second. Serve's handle would hold a request while no replica runs (right for scale-to-zero,
-    where one is starting); when replicas are wanted but none runs (a node of a multi-node
-    replica was lost and its gang waits to be placed again) clients get a prompt retryable
-    refusal instead of a wait until their deadline."""
+    """Whether requests should be refused because no engine replica can serve them, from the
+    Serve controller, read at most once a second.
+
+    Serve's handle holds a request while no replica runs. That is right while replicas are
+    starting (scale from zero, a rolling config change: they will run soon), but not when the
+    deployment is UNHEALTHY with none running (a node of a multi-node replica was lost and
+    its gang waits for nodes to be placed again): clients then get a prompt retryable refusal
+    instead of a wait until their deadline."""
 
     TTL_S = 1.0
 
-    def __init__(self, gang_size: int, min_replicas: int) -> None:
+    def __init__(self, gang_size: int) -> None:
         self.gang_size = gang_size
-        self.min_replicas = min_replicas
         self.checked = 0.0
-        self.running: int | None = None
+        self.refuse = False
 
-    async def none_running(self) -> bool:
-        if self.min_replicas == 0:
-            return False  # scale to zero: a request waits for the replica it starts
+    def _read(self, app_name: str) -> bool:
+        details = live_state.serve_details()
+        if details is None:
+            return False
+        running, _ = live_state.replica_counts(details, app_name, ENGINE_DEPLOYMENT, self.gang_size)
+        status = live_state.deployment_status(details, app_name, ENGINE_DEPLOYMENT)
+        return running == 0 and status in ("UNHEALTHY", "DEPLOY_FAILED")
+
+    async def none_can_serve(self) -> bool:
         now = time.monotonic()
         if now - self.checked > self.TTL_S:
             self.checked = now
-            ctx = serve.get_replica_context()
-            self.running, _ = await asyncio.to_thread(
-                live_state.serve_replicas, ctx.app_name, ENGINE_DEPLOYMENT, self.gang_size
-            )
-        return self.running == 0
+            app_name = serve.get_replica_context().app_name
+            self.refuse = await asyncio.to_thread(self._read, app_name)
+        return self.refuse
 
 
 # `serve.ingress` freezes (pickles) the FastAPI app when the class below is defined, so every
@@ -337,9 +343,7 @@ class Ingress:
         self.timeout_s = self.config.request_timeout_s
         self.metrics = _Metrics()
         self.token_rate = live_state.RateWindow()  # between /metrics scrapes (live cost)
-        self.availability = _EngineAvailability(
-            self.config.engine.data_parallel_size, self.config.autoscaling.min_replicas
-        )
+        self.availability = _EngineAvailability(self.config.engine.data_parallel_size)
         self.tracing = tracing.process_tracing(
             self.config.tracing, f"{self.config.deployment_name}-ingress", {}
         )
@@ -380,7 +384,7 @@ class Ingress:
         """Start the engine request; returns (head, remaining events, the handle generator)."""
         from ray.serve.exceptions import BackPressureError
 
-        if await self.availability.none_running():
+        if await self.availability.none_can_serve():
             raise _ClientError(
                 503,
                 "no engine replica is running (being replaced, or waiting for its nodes); retry",

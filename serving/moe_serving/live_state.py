@@ -184,6 +184,40 @@ def board(app_name: str) -> Any:
     )
 
 
+def serve_details() -> dict[str, Any] | None:
+    """The Serve controller's instance details (what the dashboard's Serve REST API returns);
+    None when the controller cannot be asked."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return cast(
+            dict[str, Any], ray.get(controller.get_serve_instance_details.remote(), timeout=10)
+        )
+    except Exception:  # controller restarting, or an older Ray
+        return None
+
+
+def deployment_status(details: Mapping[str, Any], app_name: str, deployment: str) -> str | None:
+    """A deployment's Serve status (HEALTHY, UPDATING, UNHEALTHY, ...) from the details (pure)."""
+    app = (details.get("applications") or {}).get(app_name) or {}
+    dep = (app.get("deployments") or {}).get(deployment) or {}
+    status = dep.get("status")
+    return str(status) if status is not None else None
+
+
+def none_can_serve(
+    details: Mapping[str, Any], app_name: str, deployment: str, gang_size: int = 1
+) -> bool:
+    """No whole replica runs and Serve calls the deployment UNHEALTHY (or failed): requests
+    would wait for a replica that is not merely starting (pure). While replicas start (a
+    rolling change, scale from zero) the deployment is UPDATING / UPSCALING instead."""
+    running, _ = replica_counts(details, app_name, deployment, gang_size)
+    status = deployment_status(details, app_name, deployment)
+    return running == 0 and status in ("UNHEALTHY", "DEPLOY_FAILED")
+
+
 def serve_replicas(
     app_name: str, deployment: str, gang_size: int = 1
 ) -> tuple[int | None, int | None]:
@@ -194,15 +228,8 @@ def serve_replicas(
     (`GET /api/serve/applications/`) returns; the autoscaler's target is only there.
     (None, None) when the controller cannot be asked.
     """
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    try:
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        details = cast(
-            dict[str, Any], ray.get(controller.get_serve_instance_details.remote(), timeout=10)
-        )
-    except Exception:  # controller restarting, or an older Ray: no replica numbers
+    details = serve_details()
+    if details is None:
         return None, None
     return replica_counts(details, app_name, deployment, gang_size)
 

@@ -9,7 +9,7 @@ from moe_operator.catalog import ACCELERATORS
 from moe_operator.live import LiveStatus
 from moe_operator.status import Inputs, compute
 from moe_serving.dp_group import bundles_by_node, rank_bundles
-from moe_serving.live_state import replica_counts
+from moe_serving.live_state import none_can_serve, replica_counts
 
 GPUS = [name for name, acc in ACCELERATORS.items() if acc.k8s_resource]
 
@@ -59,9 +59,9 @@ def test_bundles_by_node_keeps_one_nodes_bundles_together_master_first() -> None
         rank_bundles(3, 2, ordered)
 
 
-def _details(states: list[str], target: int) -> dict[str, object]:
+def _details(states: list[str], target: int, status: str = "HEALTHY") -> dict[str, object]:
     replicas = [{"state": s} for s in states]
-    deps = {"LLMEngine": {"replicas": replicas, "target_num_replicas": target}}
+    deps = {"LLMEngine": {"replicas": replicas, "target_num_replicas": target, "status": status}}
     return {"applications": {"moe": {"deployments": deps}}}
 
 
@@ -106,3 +106,16 @@ def test_ready_replicas_come_from_the_serve_app_when_known() -> None:
     assert with_live["readyReplicas"] == 1
     ready = next(c for c in with_live["conditions"] if c["type"] == "Ready")
     assert "1 replica(s) ready" in ready["message"]
+
+
+def test_requests_are_refused_only_when_no_replica_can_come_soon() -> None:
+    """Refuse (503 at once) only when nothing runs and Serve calls the deployment UNHEALTHY (a
+    lost node: the gang waits for placement); while replicas start in a rolling change
+    (UPDATING) or from zero (UPSCALING) requests wait for them. Statuses: Serve's
+    DeploymentStatus (ray/serve/_private/common.py)."""
+    assert none_can_serve(_details(["STARTING", "STARTING"], 2, "UNHEALTHY"), "moe", "LLMEngine", 2)
+    assert not none_can_serve(_details(["STARTING"], 1, "UPDATING"), "moe", "LLMEngine")
+    assert not none_can_serve(_details(["STARTING"], 1, "UPSCALING"), "moe", "LLMEngine")
+    assert not none_can_serve(_details(["RUNNING"], 1, "UNHEALTHY"), "moe", "LLMEngine")
+    # One rank of a 2-rank gang running is no whole replica.
+    assert none_can_serve(_details(["RUNNING"], 2, "UNHEALTHY"), "moe", "LLMEngine", 2)
