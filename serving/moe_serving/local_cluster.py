@@ -96,7 +96,7 @@ class LocalCluster:
         # Token auth on every node and for this process's driver: the cluster is not open to
         # other local users, and a ~/.ray/auth_token left by another cluster cannot make the
         # nodes disagree about auth (a worker then fails to join with InvalidAuthToken).
-        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _process_token()}
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth, **(env or {})}
         self.nodes: list[LocalNode] = []
         self._saved_env: dict[str, str | None] = {}
@@ -121,14 +121,9 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         # The driver (ray.init in this process) must present the same token, in token mode.
-        # Ray caches its auth mode when imported and ray.init(address=...) never turns it on
-        # by itself (ray/_private/worker.py), so the mode is switched the way Ray switches it
-        # for a new local cluster (authentication_token_setup._enable_token_auth).
         self._saved_env = {key: os.environ.get(key) for key in self.auth}
         os.environ.update(self.auth)
-        from ray._private.authentication import authentication_token_setup
-
-        authentication_token_setup._enable_token_auth()
+        _refresh_ray_auth()
         args = [
             "start",
             "--head",
@@ -208,12 +203,42 @@ class LocalCluster:
                 else:
                     os.environ[key] = value
             self._saved_env = {}
+            # Back to what this process had, so a later local cluster (ray.init) finds its
+            # own token, not ours.
+            _refresh_ray_auth()
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_TOKEN: list[str] = []
+
+
+def _process_token() -> str:
+    """One token for every local cluster this process starts (Ray caches the token a driver
+    presents; one value keeps successive clusters of one process, e.g. a test session, apart
+    from that cache)."""
+    if not _TOKEN:
+        _TOKEN.append(secrets.token_hex(16))
+    return _TOKEN[0]
+
+
+def _refresh_ray_auth() -> None:
+    """Make this process's Ray driver re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN: Ray caches both
+    (its config when imported, its token on first use) and ray.init(address=...) never turns
+    token mode on by itself (ray/_private/worker.py). The same two calls Ray's own
+    `reset_auth_token_state` makes (ray/_private/authentication_test_utils.py): config first,
+    then the token cache."""
+    from ray._raylet import (  # type: ignore[attr-defined]  # compiled; no stubs
+        AuthenticationTokenLoader,
+        Config,
+    )
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _ray_pids() -> set[int]:
