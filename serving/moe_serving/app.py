@@ -480,7 +480,10 @@ class Ingress:
 
         async def answer() -> Response:
             ctx = serve.get_replica_context()
-            reports = await live_state.board(ctx.app_name).get.remote()
+            try:
+                reports = await live_state.board(ctx.app_name).get.remote()
+            except Exception:  # board lost or not up yet: no replica reports, counts still
+                reports = {}
             running, target = await asyncio.to_thread(
                 live_state.serve_replicas,
                 ctx.app_name,
@@ -864,7 +867,10 @@ def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
     return {
         "name": INGRESS_DEPLOYMENT,
         "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 0},
+        # On the head node (Ray's `node:__internal_head__` resource), beside Serve's controller:
+        # it lives as long as the cluster. On a worker node it would die with that node and cut
+        # every request in flight through it, on every replica, without an answer.
+        "ray_actor_options": {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
         "max_ongoing_requests": 10_000,
         # A rolling update replaces the ingress and the engine together: the old ingress may
         # hold requests waiting for the new engine replica to come up. It bounds every request

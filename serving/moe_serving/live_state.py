@@ -167,7 +167,8 @@ def board(app_name: str) -> Any:
     """The application's board actor, created by whichever replica asks first.
 
     Detached, so it outlives the replica that created it; it takes no CPU. It lives in Serve's
-    namespace and dies with the Ray cluster.
+    namespace on the head node (Ray's `node:__internal_head__` resource), which lives as long as
+    the cluster: on a worker node it would die with that node and take the live state with it.
     """
     import ray
 
@@ -179,6 +180,7 @@ def board(app_name: str) -> Any:
             get_if_exists=True,
             lifetime="detached",
             num_cpus=0,
+            resources={"node:__internal_head__": 0.001},
         )
         .remote()
     )
@@ -204,7 +206,8 @@ def deployment_status(details: Mapping[str, Any], app_name: str, deployment: str
     app = (details.get("applications") or {}).get(app_name) or {}
     dep = (app.get("deployments") or {}).get(deployment) or {}
     status = dep.get("status")
-    return str(status) if status is not None else None
+    # The controller's details hold Serve's enum members (str, Enum): compare their values.
+    return str(getattr(status, "value", status)) if status is not None else None
 
 
 def none_can_serve(

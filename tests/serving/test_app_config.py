@@ -230,7 +230,15 @@ def test_deployment_options_fit_a_two_core_machine() -> None:
     config = _config(tensor_parallel_size=2, enable_expert_parallel=True)
     engine = engine_deployment_options(config)
     ingress = ingress_deployment_options(config)
-    assert ingress["ray_actor_options"] == {"num_cpus": 0}
+    # No CPU, on the head node: Ray gives the head this resource (ray/_common/constants.py
+    # HEAD_NODE_RESOURCE_NAME; Ray Train pins its state actor the same way); a local
+    # cluster's head has it too (tests/multinode).
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    assert ingress["ray_actor_options"] == {
+        "num_cpus": 0,
+        "resources": {HEAD_NODE_RESOURCE_NAME: 0.001},
+    }
     # An old ingress drains every request it holds during a rolling update (none force-killed).
     assert ingress["graceful_shutdown_timeout_s"] > config.request_timeout_s
     assert engine["ray_actor_options"] == {"num_cpus": 0}

@@ -117,5 +117,10 @@ def test_requests_are_refused_only_when_no_replica_can_come_soon() -> None:
     assert not none_can_serve(_details(["STARTING"], 1, "UPDATING"), "moe", "LLMEngine")
     assert not none_can_serve(_details(["STARTING"], 1, "UPSCALING"), "moe", "LLMEngine")
     assert not none_can_serve(_details(["RUNNING"], 1, "UNHEALTHY"), "moe", "LLMEngine")
+    # What the controller really hands back: Serve's enum members, not plain strings.
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    real = _details([ReplicaState.STARTING], 1, DeploymentStatus.UNHEALTHY)  # type: ignore[list-item]
+    assert none_can_serve(real, "moe", "LLMEngine")
     # One rank of a 2-rank gang running is no whole replica.
     assert none_can_serve(_details(["RUNNING"], 2, "UNHEALTHY"), "moe", "LLMEngine", 2)
