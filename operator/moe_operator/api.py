@@ -633,7 +633,9 @@ class MoEDeploymentSpec(ApiModel):
 class Condition(ApiModel):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: str = Field(description="Ready, Progressing or Degraded.")
+    type: str = Field(
+        description="Ready, Progressing, Degraded, ToolCallingAvailable or ReasoningAvailable."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="Condition status.")
     reason: str = Field(description="CamelCase machine-readable reason.", pattern=r"^[A-Za-z]\w*$")
     message: str = Field("", description="Human-readable detail: what happened, what to fix.")
@@ -660,6 +662,14 @@ class Endpoints(ApiModel):
 
     http: str | None = Field(None, description="OpenAI-compatible base URL.")
     grpc: str | None = Field(None, description="gRPC target host:port.")
+    gateway: str | None = Field(
+        None,
+        description=(
+            "Under upgradeStrategy NewClusterWithIncrementalUpgrade, instead of http/grpc: the "
+            "Gateway KubeRay creates (namespace/name:port; HTTP only, its address is in the "
+            "Gateway's status.addresses)."
+        ),
+    )
 
 
 class MoEDeploymentStatus(ApiModel):
@@ -667,7 +677,12 @@ class MoEDeploymentStatus(ApiModel):
 
     observed_generation: int | None = Field(None, description="Last generation reconciled.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready/Progressing/Degraded."
+        default_factory=list,
+        description=(
+            "Ready/Progressing/Degraded, and ToolCallingAvailable/ReasoningAvailable when the "
+            "plan configures those parsers (False: the checkpoint's tokenizer cannot support "
+            "the parser, so the model is served without it)."
+        ),
     )
     replicas: int | None = Field(None, description="Serving replicas that exist.")
     ready_replicas: int | None = Field(None, description="Serving replicas ready.")

@@ -228,10 +228,13 @@ def cmd_up(args: argparse.Namespace) -> None:
             f"cannot be imported in this environment: install them with {SERVING_EXTRA} "
             "(or `make install` in a checkout)"
         )
-    from moe_operator.up import up
+    from moe_operator.up import UpFailed, up
 
     dep = load_manifest(args.file or EMBEDDED_DEFAULT)
-    up(dep, args)
+    try:
+        up(dep, args)
+    except UpFailed as err:
+        raise CliError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,14 @@ from moe_operator.api import (
 )
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
-from moe_operator.render import Owner, RenderError, check_renderable, endpoints, render
+from moe_operator.render import (
+    Owner,
+    RenderError,
+    check_renderable,
+    endpoints,
+    render,
+    serving_base_url,
+)
 
 Obj = dict[str, Any]
 OwnerKey = tuple[str, str]  # (namespace, name)
@@ -223,16 +230,20 @@ def _live_targets(rt: Runtime) -> list[live_poller.Target]:
             continue
         owner = found[0]
         ray_services = _lookup(rt.indexes.get(CHILD_INDEXES[("ray.io/v1", "RayService")]), key)
-        if not any(live_poller.is_ready(rs) for rs in ray_services):
+        ready = [rs for rs in ray_services if live_poller.is_ready(rs)]
+        if not ready:
             continue
         spec, chosen, problem = parse(owner)
         if problem is not None or spec is None or chosen is None:
             continue
-        http = endpoints(owner_of(owner), spec)["http"]
+        # What serves in this upgrade strategy (the -http alias does not exist in all).
+        base = serving_base_url(owner_of(owner), spec, ready[0])
+        if base is None:
+            continue
         targets.append(
             live_poller.Target(
                 key=key,
-                url=live_poller.url_for(rt.config, key[1], key[0], http),
+                url=live_poller.url_for(rt.config, key[1], key[0], base),
                 hourly_cost_per_replica=chosen.hourly_cost_per_replica,
             )
         )
@@ -620,6 +631,8 @@ async def _report(
             ray_service_name=owner.name,
             live=rt.poller.status.get(key) if rt.poller is not None else None,
             upgrade_strategy=spec.upgrade_strategy if spec is not None else "NewCluster",
+            tool_calling=bool(chosen is not None and chosen.tool_call_parser),
+            reasoning=bool(chosen is not None and chosen.reasoning_parser),
         )
         return status_mod.compute(inputs, previous)
 

@@ -39,6 +39,9 @@ class Sample:
     running: int
     generated_tokens_total: int
     replica_ids: tuple[str, ...]
+    #: optional features served without, (feature, reason) sorted; None: not reported (a
+    #: serving image older than the report)
+    unavailable: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class LiveStatus:
     serving_replicas: int
     output_tokens_per_second: float | None
     cost_per_million_tokens: float | None
+    unavailable: tuple[tuple[str, str], ...] | None = None  # as in Sample
 
 
 def parse(body: Any) -> Sample:
@@ -71,9 +75,18 @@ def parse(body: Any) -> Sample:
             running=int(load["running"]),
             generated_tokens_total=int(load["generated_tokens_total"]),
             replica_ids=tuple(str(r) for r in load.get("replica_ids") or ()),
+            unavailable=_unavailable(body.get("unavailable")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BadState(f"malformed state body: {err!r}") from err
+
+
+def _unavailable(value: Any) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise BadState(f"unavailable: expected an object, got {type(value).__name__}")
+    return tuple(sorted((str(k), str(v)) for k, v in value.items()))
 
 
 def _opt_int(value: Any) -> int | None:
@@ -116,6 +129,7 @@ def summarize(
         serving_replicas=serving,
         output_tokens_per_second=None if rate is None else _sig(rate),
         cost_per_million_tokens=None if cost is None else _sig(cost),
+        unavailable=current.unavailable,
     )
 
 

@@ -11,6 +11,13 @@ Children of a MoEDeployment `<name>`:
   an upgrade's new cluster is ready.
 * Services `<name>-http` (OpenAI HTTP) and `<name>-grpc` (gRPC): DNS aliases (ExternalName) of
   `<name>-serve-svc`, so clients never reach two clusters at once during an upgrade.
+  Not under `NewClusterWithIncrementalUpgrade`: there KubeRay ignores `serveService` and makes no
+  `<name>-serve-svc`, but a Serve Service per RayCluster, `<cluster>-serve-svc`, and a Gateway
+  `<name>-gateway` (one HTTP listener, port 80) whose HTTPRoute `<name>-httproute` splits
+  traffic between the clusters (ray-operator/controllers/ray/common/service.go,
+  BuildServeService; rayservice_controller.go, createGateway / createHTTPRoute). An alias would
+  point at nothing, so clients use the Gateway (HTTP only) and the operator reads the live state
+  from the active cluster's Service (`serving_base_url`).
 * PodDisruptionBudget `<name>-workers`, and optionally NetworkPolicy `<name>`.
 """
 
@@ -60,8 +67,36 @@ CLUSTER_DOMAIN = "cluster.local"
 
 
 def serve_service_name(name: str) -> str:
-    """KubeRay's serve Service of RayService `name` (utils.GenerateServeServiceName)."""
+    """KubeRay's serve Service of RayService `name` (utils.GenerateServeServiceName); under an
+    incremental upgrade strategy, of each RayCluster `name`."""
     return f"{name}-serve-svc"
+
+
+INCREMENTAL = "NewClusterWithIncrementalUpgrade"
+#: KubeRay's Gateway listener (ray-operator/controllers/ray/utils/constant.go).
+GATEWAY_HTTP_PORT = 80
+
+
+def gateway_name(name: str) -> str:
+    """The Gateway KubeRay makes for RayService `name` under an incremental upgrade strategy
+    (rayservice_controller.go createGateway; common/association.go)."""
+    return f"{name}-gateway"
+
+
+def serving_base_url(
+    owner: Owner, spec: MoEDeploymentSpec, ray_service: dict[str, Any] | None
+) -> str | None:
+    """The OpenAI base URL of the Service that serves the application now (the operator's
+    live-state reads): KubeRay's `<name>-serve-svc`, or under an incremental upgrade strategy
+    the active cluster's `<cluster>-serve-svc` (None while no cluster is active)."""
+    host = serve_service_name(owner.name)
+    if spec.upgrade_strategy == INCREMENTAL:
+        status = (ray_service or {}).get("status") or {}
+        cluster = (status.get("activeServiceStatus") or {}).get("rayClusterName")
+        if not cluster:
+            return None
+        host = serve_service_name(str(cluster))
+    return f"http://{host}.{owner.namespace}.svc:{spec.serving.http_port}/v1"
 
 
 @dataclass(frozen=True)
@@ -614,19 +649,23 @@ def check_renderable(spec: MoEDeploymentSpec) -> None:
 def render(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> list[dict[str, Any]]:
     """All children of the MoEDeployment, in apply order."""
     check_renderable(spec)
-    objects = [
-        ray_service(owner, spec, plan),
-        _service(owner, "http", spec.serving.http_port, "http"),
-        _service(owner, "grpc", spec.serving.grpc_port, "grpc"),
-        pod_disruption_budget(owner, plan),
-    ]
+    objects = [ray_service(owner, spec, plan)]
+    if spec.upgrade_strategy != INCREMENTAL:  # no <name>-serve-svc to alias (module docstring)
+        objects += [
+            _service(owner, "http", spec.serving.http_port, "http"),
+            _service(owner, "grpc", spec.serving.grpc_port, "grpc"),
+        ]
+    objects.append(pod_disruption_budget(owner, plan))
     if spec.network_policy.enabled:
         objects.append(network_policy(owner, spec))
     return objects
 
 
 def endpoints(owner: Owner, spec: MoEDeploymentSpec) -> dict[str, str]:
-    """In-cluster addresses of the Services."""
+    """In-cluster addresses of the Services (under an incremental upgrade strategy, the
+    Gateway KubeRay makes instead: HTTP only)."""
+    if spec.upgrade_strategy == INCREMENTAL:
+        return {"gateway": f"{owner.namespace}/{gateway_name(owner.name)}:{GATEWAY_HTTP_PORT}"}
     base = f"{owner.namespace}.svc"
     return {
         "http": f"http://{owner.name}-http.{base}:{spec.serving.http_port}/v1",

@@ -9,7 +9,17 @@ Conditions follow Kubernetes conventions (metav1.Condition):
   never ready. Reason Creating for a first rollout, Updating for a changed spec.
 * Degraded: True when the spec cannot be deployed (InvalidSpec / PlanFailed / RenderFailed),
   the API server refused a rendered child (ApplyRejected, e.g. a KubeRay too old for the
-  RayService) or the Serve application failed (ServeApplicationFailed).
+  RayService), the Serve application failed (ServeApplicationFailed, with the replica's
+  exception: moe_serving.failures; read from the active *and* the pending cluster's status,
+  since KubeRay deploys a first rollout to a pending cluster; Progressing then turns False), or
+  KubeRay gave up on the RayService (RayServiceFailed: its Ready reason InitializingTimeout or
+  ValidationFailed).
+
+* ToolCallingAvailable / ReasoningAvailable (only when the plan configures a tool-call /
+  reasoning parser): False when the serving replicas run without it because the checkpoint's
+  tokenizer cannot support the parser (reason ParserUnsupported, with the replica's words; they
+  refuse requests that ask for tools with a 400), True once they report serving it, Unknown
+  until the operator has read the app's live state.
 
 `lastTransitionTime` only moves when a condition's status changes.
 """
@@ -20,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_operator.live import LiveStatus
+from moe_serving.failures import FAILED_APP_STATES, app_failure
 
 Obj = dict[str, Any]
 
@@ -40,7 +51,10 @@ OWNED_KEYS = (
     "rayService",
 )
 
-_FAILED_APP_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
+#: Reasons of KubeRay's Ready condition after which it stops trying: the RayService failed its
+#: validation, or did not become ready within its initializing timeout (rayservice_types.go;
+#: rayservice_controller.go, validateRayService / markFailedOnInitializingTimeout).
+KUBERAY_TERMINAL_REASONS = frozenset({"ValidationFailed", "InitializingTimeout"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,8 @@ class Inputs:
     ray_service_name: str | None = None
     live: LiveStatus | None = None  # from the Serve app's live state; None when not read
     upgrade_strategy: str = "NewCluster"
+    tool_calling: bool = False  # the plan configures a tool-call parser
+    reasoning: bool = False  # the plan configures a reasoning parser
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class RayServiceView:
     failed_apps: tuple[str, ...]
     ready_workers: int
     available_workers: int
+    kuberay_failure: str | None = None  # KubeRay gave up: its Ready condition's reason/message
 
     @classmethod
     def read(cls, rs: Obj | None) -> RayServiceView:
@@ -102,12 +119,22 @@ class RayServiceView:
             conditions.get("UpgradeInProgress", {}).get("status") == "True"
         )
         active = status.get("activeServiceStatus") or {}
+        pending = status.get("pendingServiceStatus") or {}
+        # KubeRay deploys to the pending cluster until it is ready: the first rollout's (and an
+        # upgrade's) application statuses are under pendingServiceStatus, not active.
         failed = tuple(
-            f"{app}: {info.get('status')}"
-            + (f" ({info.get('message')})" if info.get("message") else "")
-            for app, info in sorted((active.get("applicationStatuses") or {}).items())
-            if (info or {}).get("status") in _FAILED_APP_STATES
+            f"{which}Serve application {app} is {info.get('status')}: {app_failure(info)}"
+            for which, where in (("", active), ("the new cluster's ", pending))
+            for app, info in sorted((where.get("applicationStatuses") or {}).items())
+            if (info or {}).get("status") in FAILED_APP_STATES
         )
+        ready_condition = conditions.get("Ready") or {}
+        kuberay_failure = None
+        if (
+            ready_condition.get("status") == "False"
+            and ready_condition.get("reason") in KUBERAY_TERMINAL_REASONS
+        ):
+            kuberay_failure = f"{ready_condition.get('reason')}: {ready_condition.get('message')}"
         cluster = active.get("rayClusterStatus") or {}
         return cls(
             exists=True,
@@ -118,13 +145,44 @@ class RayServiceView:
             failed_apps=failed,
             ready_workers=int(cluster.get("readyWorkerReplicas") or 0),
             available_workers=int(cluster.get("availableWorkerReplicas") or 0),
+            kuberay_failure=kuberay_failure,
         )
 
 
+#: Optional serving features (live state `unavailable` keys) -> their condition type.
+FEATURE_CONDITIONS = {"tool_calling": "ToolCallingAvailable", "reasoning": "ReasoningAvailable"}
+
+
+def _feature_conditions(inputs: Inputs) -> list[tuple[str, bool | None, str, str]]:
+    """A condition per configured optional feature, from the replicas' live report."""
+    configured = {"tool_calling": inputs.tool_calling, "reasoning": inputs.reasoning}
+    out: list[tuple[str, bool | None, str, str]] = []
+    for feature, ctype in FEATURE_CONDITIONS.items():
+        if not configured[feature]:
+            continue
+        live = inputs.live
+        if live is None or live.unavailable is None:
+            out.append(
+                (ctype, None, "NotReported", "the serving replicas have not reported it yet")
+            )
+            continue
+        reason = dict(live.unavailable).get(feature)
+        if reason is not None:
+            out.append((ctype, False, "ParserUnsupported", reason))
+        else:
+            out.append((ctype, True, "Serving", "the serving replicas serve it"))
+    return out
+
+
 def _condition(
-    ctype: str, status: bool, reason: str, message: str, inputs: Inputs, previous: Obj | None
+    ctype: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    inputs: Inputs,
+    previous: Obj | None,
 ) -> Obj:
-    value = "True" if status else "False"
+    value = "Unknown" if status is None else "True" if status else "False"
     old = next(
         (c for c in (previous or {}).get("conditions") or [] if c.get("type") == ctype), None
     )
@@ -153,7 +211,7 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
     """The owned part of `status` (camelCase), given the inputs and the previous status."""
     rs = RayServiceView.read(inputs.ray_service)
     nodes = max(inputs.nodes_per_replica, 1)
-    conds: list[tuple[str, bool, str, str]]
+    conds: list[tuple[str, bool | None, str, str]]
     if inputs.problem is not None:
         p = inputs.problem
         conds = [
@@ -185,11 +243,23 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
             ready = (False, verb, f"RayService {rs_name} is not ready yet")
         else:
             ready = (False, "Creating", f"RayService {rs_name} does not exist yet")
-        if rs.failed_apps:
-            degraded = (True, "ServeApplicationFailed", "; ".join(rs.failed_apps))
+        if rs.kuberay_failure:
+            message = (
+                f"KubeRay stopped deploying RayService {rs_name} ({rs.kuberay_failure}); "
+                "fix the cause, then delete the RayService so the operator recreates it"
+            )
+            degraded = (True, "RayServiceFailed", message)
+            progressing = (False, "RayServiceFailed", message)
+        elif rs.failed_apps:
+            message = "; ".join(rs.failed_apps)
+            degraded = (True, "ServeApplicationFailed", message)
+            if progressing[0]:
+                # Waiting cannot help: Serve gave up on the replicas of this rollout.
+                progressing = (False, "ServeApplicationFailed", message)
         else:
             degraded = (False, "AsExpected", "")
         conds = [("Ready", *ready), ("Progressing", *progressing), ("Degraded", *degraded)]
+        conds += _feature_conditions(inputs)
 
     status: Obj = {
         "observedGeneration": inputs.generation,

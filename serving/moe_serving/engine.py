@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from moe_serving import live_state, tool_choice
+from moe_serving import live_state, parser_support, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -43,7 +43,8 @@ class ResponseHead(TypedDict):
 
     status: int  # HTTP status: 200, 400, 404, 503, 500
     stream: bool  # True: SSE strings follow; False: exactly one JSON body (dict) follows
-    reason: str  # "ok", "invalid_request", "not_found", "queue_full", "internal"
+    # "ok", "invalid_request", "not_found", "queue_full", "internal", "tools_unavailable", ...
+    reason: str
     retry_after_s: int | None
 
 
@@ -133,6 +134,9 @@ class EngineServer:
         )
         self._engine: AsyncLLM | None = None
         self.tool_call_parser: str | None = None  # the name vLLM got (tool_choice.py)
+        # Optional features the checkpoint's tokenizer cannot support (parser_support.py):
+        # feature -> reason; served without them, reported in the live state.
+        self.unavailable: dict[str, str] = {}
         self._state: Any = None
         self._stats = _SchedulerStats()
         self.observer = EngineObserver(config)  # spans, request metrics, expert load
@@ -165,12 +169,22 @@ class EngineServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_namespace(self.config.engine)
+        engine_config = self.config.engine
+        args = build_namespace(engine_config)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        # vLLM refuses to start when a parser does not fit the tokenizer: serve without it.
+        support = self.check_parsers(vllm_config.model_config)
+        if support.unavailable:
+            engine_config = support.engine_args(engine_config)
+            args = build_namespace(engine_config)
+            engine_args = AsyncEngineArgs.from_cli_args(args)
+            vllm_config = engine_args.create_engine_config(
+                usage_context=UsageContext.OPENAI_API_SERVER
+            )
         self.tool_call_parser = args.tool_call_parser
         self.observer.engine_args(args)
         self.observer.start()  # before vLLM: its spans use this process's tracer provider
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             # Ranks go into this replica's placement group (its bundles), as Ray Serve LLM does.
             from ray.util import get_current_placement_group
@@ -192,6 +206,22 @@ class EngineServer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.started_at = time.time()
         logger.info("vLLM engine ready in %.1fs", time.monotonic() - started)
+
+    def check_parsers(self, model_config: Any) -> parser_support.ParserSupport:
+        """Which configured parsers the tokenizer vLLM will use supports; logs what is off."""
+        engine = self.config.engine
+        if not engine.tool_call_parser and not engine.reasoning_parser:
+            return parser_support.ParserSupport(None, None)
+        from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+        tokenizer = cached_tokenizer_from_config(model_config)
+        if tokenizer is None:  # skip_tokenizer_init: vLLM checks nothing either
+            return parser_support.ParserSupport(engine.tool_call_parser, engine.reasoning_parser)
+        support = parser_support.check_engine(engine, tokenizer)
+        self.unavailable = dict(support.unavailable)
+        for reason in support.unavailable.values():
+            logger.warning("%s", reason)
+        return support
 
     def shutdown(self) -> None:
         """Stop vLLM's engine core and rank processes."""
@@ -235,6 +265,7 @@ class EngineServer:
             self.observer.requests_total,
             node=node,
             dp_rank=dp_rank,
+            unavailable=self.unavailable,
         )
 
     def metrics_text(self) -> str:
@@ -320,6 +351,14 @@ class EngineServer:
             return _error_events(400, "invalid_request", "prompt must not be empty")
         if kind == "chat" and not getattr(request, "messages", None):
             return _error_events(400, "invalid_request", "messages must not be empty")
+        unavailable = self.unavailable.get(parser_support.TOOL_CALLING)
+        if kind == "chat" and unavailable and parser_support.asks_for_tools(request):
+            return _error_events(
+                400,
+                "tools_unavailable",
+                f"this request asks for tools, but {unavailable}; "
+                'send it without tools (or with tool_choice "none")',
+            )
         return request
 
     async def _run(self, kind: Kind, request: Any) -> AsyncIterator[Event]:

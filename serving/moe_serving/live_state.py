@@ -32,9 +32,11 @@ def report(
     requests: int,
     node: str | None = None,
     dp_rank: int | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Report:
-    """One engine replica's report: its queue depth and counters since it started, and where
-    it runs (node IP; DP rank when it is one rank of a data-parallel group)."""
+    """One engine replica's report: its queue depth and counters since it started, where it
+    runs (node IP; DP rank when it is one rank of a data-parallel group), and the optional
+    features its checkpoint cannot support (feature -> reason, moe_serving.parser_support)."""
     return {
         "replica": replica,
         "node": node,
@@ -46,6 +48,7 @@ def report(
         "scheduler_running": int(depth.get("scheduler_running", 0)),
         "generated_tokens_total": int(generated_tokens),
         "requests_total": int(requests),
+        "unavailable": dict(unavailable or {}),
     }
 
 
@@ -63,6 +66,16 @@ def aggregate(reports: Mapping[str, Report], now: float) -> dict[str, Any]:
         "requests_total": sum(r["requests_total"] for r in fresh),
         "replica_ids": sorted(str(r["replica"]) for r in fresh),
     }
+
+
+def unavailable(reports: Mapping[str, Report], now: float) -> dict[str, str]:
+    """Optional features some fresh replica serves without (feature -> its reason)."""
+    out: dict[str, str] = {}
+    for r in sorted(reports.values(), key=lambda r: str(r.get("replica"))):
+        if now - float(r.get("time", 0)) <= STALE_AFTER_S:
+            for feature, reason in (r.get("unavailable") or {}).items():
+                out.setdefault(str(feature), str(reason))
+    return out
 
 
 def engines(reports: Mapping[str, Report], now: float) -> list[dict[str, Any]]:
@@ -92,6 +105,9 @@ def state_body(
         "replicas": {"running": running_replicas, "target": target_replicas},
         "load": load,
         "engines": engines(reports, now),
+        # Optional features served without (e.g. tool calling when the tokenizer lacks the
+        # parser's tokens); the operator turns it into conditions. Absent from older replicas.
+        "unavailable": unavailable(reports, now),
     }
 
 

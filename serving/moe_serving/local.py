@@ -43,6 +43,33 @@ def serve_options(
     return {"http_options": http, "grpc_options": grpc}
 
 
+class StartFailed(RuntimeError):
+    """The application did not start; the message is one line: the replica's root cause."""
+
+
+def start_failure(app_status: Any, exc: BaseException) -> str:
+    """One line for a failed start: the root cause from the application's Serve status
+    (`serve.status().applications[name]`: the replica's exception is only in its
+    deployments' messages; `serve.run` raises with the application's), else from `exc`."""
+    from moe_serving.failures import FAILED_APP_STATES, app_failure, root_cause
+
+    def value(x: Any) -> str:
+        return str(getattr(x, "value", x))
+
+    if app_status is not None and value(app_status.status) in FAILED_APP_STATES:
+        return app_failure(
+            {
+                "status": value(app_status.status),
+                "message": app_status.message,
+                "serveDeploymentStatuses": {
+                    name: {"status": value(d.status), "message": d.message}
+                    for name, d in (app_status.deployments or {}).items()
+                },
+            }
+        )
+    return root_cause(str(exc)) or type(exc).__name__
+
+
 @dataclass(frozen=True)
 class LocalEndpoints:
     """Where a local run listens (handed to `ready_callback`)."""
@@ -252,8 +279,12 @@ def _serve_until_stopped(
     except KeyboardInterrupt:
         console.say("Interrupted during start-up; stopping ...")
     except Exception as exc:
-        console.say(f"Failed: {exc} (details in {log_file})")
-        raise
+        app_status = None
+        with contextlib.suppress(Exception):  # Serve itself may be what failed
+            app_status = serve.status().applications.get(app.deployment_name)
+        line = start_failure(app_status, exc)
+        console.say(f"Failed: {line}")
+        raise StartFailed(f"{line} (details in {log_file})") from exc
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

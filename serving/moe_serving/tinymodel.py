@@ -31,6 +31,27 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3 in this order
 # 8x22B Instruct's tokenizer has (its pre-v11 call format: `[TOOL_CALLS] [{"name": ...}]`).
 FAMILY_TOKENS: dict[str, list[str]] = {"mixtral": ["[TOOL_CALLS]"]}
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# The control tokens each catalog family's released tokenizer has that its vLLM tool-call and
+# reasoning parsers look up (the parsers' sources name them): for tokenizers made with
+# `make_tokenizer` in parser tests, with and without them.
+PARSER_TOKENS: dict[str, list[str]] = {
+    # google/gemma-4-*-it: tool calls <|tool_call>...<tool_call|>, thinking <|channel>...
+    "gemma4": ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<|channel>", "<channel|>"],
+    # mistralai/Mixtral-8x22B-Instruct-v0.1 (8x7B Instruct v0.1 has none of them).
+    "mixtral": ["[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"],
+    # Qwen/Qwen3-*: hermes-style <tool_call> JSON, <think> reasoning.
+    "qwen3_moe": ["<tool_call>", "</tool_call>", "<think>", "</think>"],
+    # deepseek-ai/DeepSeek-V3 tokenizer.json (fullwidth bars and "▁" in its control tokens).
+    "deepseek_v3": [
+        "<\uff5ctool\u2581calls\u2581begin\uff5c>",
+        "<\uff5ctool\u2581calls\u2581end\uff5c>",
+        "<\uff5ctool\u2581call\u2581begin\uff5c>",
+        "<\uff5ctool\u2581call\u2581end\uff5c>",
+        "<\uff5ctool\u2581sep\uff5c>",
+        "<think>",
+        "</think>",
+    ],
+}
 
 # A plain role-tagged template: works for every architecture and for vLLM's chat endpoint.
 CHAT_TEMPLATE = (
@@ -69,6 +90,12 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
 
 
 def _train_tokenizer(seed: int, out: Path, arch: Arch) -> None:
+    make_tokenizer(out, FAMILY_TOKENS.get(arch, []), seed=seed)
+
+
+def make_tokenizer(out: Path, extra_special_tokens: list[str], seed: int = 0) -> Path:
+    """Write a tiny byte-level BPE tokenizer (with the chat template) into `out`, with
+    `extra_special_tokens` after the standard four; returns `out`. Offline, about a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +105,7 @@ def _train_tokenizer(seed: int, out: Path, arch: Arch) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS + FAMILY_TOKENS.get(arch, []),
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -93,6 +120,7 @@ def _train_tokenizer(seed: int, out: Path, arch: Arch) -> None:
         chat_template=CHAT_TEMPLATE,
     )
     fast.save_pretrained(str(out))
+    return out
 
 
 def _config(arch: Arch, vocab_size: int) -> Any:

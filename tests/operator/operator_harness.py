@@ -269,6 +269,8 @@ class KubeRay:
                     "desiredWorkerReplicas": workers,
                 },
             },
+            # Promoted: KubeRay empties the pending status (reconcilePromotionAndServingStatus).
+            "pendingServiceStatus": None,
         }
         await self.api.modify(
             em.RAYSERVICES, namespace, name, {"status": status}, subresource="status"
@@ -280,6 +282,69 @@ class KubeRay:
         status.setdefault("activeServiceStatus", {})["applicationStatuses"] = {
             "moe": {"status": "DEPLOY_FAILED", "message": message}
         }
+        await self.api.modify(
+            em.RAYSERVICES, namespace, name, {"status": status}, subresource="status"
+        )
+
+    async def fail_first_rollout(
+        self, name: str, deployment_error: str, namespace: str = NS
+    ) -> None:
+        """A first rollout whose engine replicas fail to start, as KubeRay reports it: the new
+        cluster is still the pending one (no active cluster until it is ready), so the Serve
+        application's status, copied from the dashboard with its deployments' messages, is under
+        pendingServiceStatus; Ready stays False/Initializing (rayservice_controller.go:
+        calculateStatus, getAndCheckServeStatus, calculateConditions)."""
+        rs = self.api.read(em.RAYSERVICES, namespace, name)
+        initializing = "RayService is initializing"
+        status = {
+            "observedGeneration": rs["metadata"]["generation"],
+            "conditions": [
+                {
+                    "type": kind,
+                    "status": "False",
+                    "reason": "Initializing",
+                    "message": initializing,
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+                for kind in ("Ready", "UpgradeInProgress")
+            ],
+            "pendingServiceStatus": {
+                "rayClusterName": f"{name}-raycluster-abcde",
+                "applicationStatuses": {
+                    "moe": {
+                        "status": "DEPLOY_FAILED",
+                        "message": "Failed to update the deployments ['LLMEngine'].",
+                        "serveDeploymentStatuses": {
+                            "Ingress": {"status": "HEALTHY", "message": ""},
+                            "LLMEngine": {"status": "DEPLOY_FAILED", "message": deployment_error},
+                        },
+                    }
+                },
+            },
+        }
+        await self.api.modify(
+            em.RAYSERVICES, namespace, name, {"status": status}, subresource="status"
+        )
+
+    async def time_out_initializing(self, name: str, namespace: str = NS) -> None:
+        """KubeRay's initializing timeout (the ray.io/initializing-timeout annotation): Ready
+        False with reason InitializingTimeout, a terminal state
+        (markFailedOnInitializingTimeout)."""
+        rs = self.api.read(em.RAYSERVICES, namespace, name)
+        status = copy.deepcopy(rs.get("status") or {})
+        status["observedGeneration"] = rs["metadata"]["generation"]
+        status["conditions"] = [
+            {
+                "type": "Ready",
+                "status": "False",
+                "reason": "InitializingTimeout",
+                "message": "RayService failed to become ready within the configured timeout "
+                "of 10m0s. Time spent initializing: 10m0.5s",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }
+        ]
+        status.setdefault("activeServiceStatus", {})["rayClusterName"] = ""
+        status.setdefault("pendingServiceStatus", {})["rayClusterName"] = ""
         await self.api.modify(
             em.RAYSERVICES, namespace, name, {"status": status}, subresource="status"
         )

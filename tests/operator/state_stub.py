@@ -28,6 +28,8 @@ class Load:
     reads: int = 0
     time: float = 1_800_000_000.0
     tokens: float = 0.0
+    #: optional features the replicas serve without (feature -> reason), as they report it
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class StateStub:
                 {"queued": waiting, "in_engine": running, "scheduler_running": running},
                 round(load.tokens) if i == 0 else 0,
                 requests=0,
+                unavailable=load.unavailable,
             )
             item["time"] = load.time
             reports[item["replica"]] = item

@@ -142,3 +142,41 @@ async def test_reads_stop_while_another_operator_is_in_charge(
         await client.close()
         if poller.session is not None:
             await poller.session.close()
+
+
+async def test_a_checkpoint_without_tool_tokens_shows_tool_calling_unavailable(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay, fast_reads: StateStub
+) -> None:
+    """The replicas of a Mixtral 8x7B Instruct v0.1 checkpoint (no [TOOL_CALLS] token) serve
+    without the `mistral` tool parser and say why in /v1/moe/state
+    (moe_serving.parser_support); the MoEDeployment is Ready with ToolCallingAvailable False
+    and those words, instead of a replica that never starts and a deployment Progressing
+    forever."""
+    reason = "tool calling is off: vLLM's 'mistral' parser cannot be used with ..."
+    load = fast_reads.loads[(NS, "mixtral")] = Load(unavailable={"tool_calling": reason})
+    await operator.start()
+    await api.create(MOED, mixtral())
+    await eventually(lambda: api.find(em.RAYSERVICES, NS, "mixtral"), message="RayService")
+
+    def tool_condition() -> dict[str, Any] | None:
+        return next(
+            (c for c in status(api).get("conditions") or [] if c["type"] == "ToolCallingAvailable"),
+            None,
+        )
+
+    await eventually(lambda: tool_condition() is not None, message="condition")
+    before = tool_condition()
+    assert before is not None and before["status"] == "Unknown"  # not read before Ready
+    await kuberay.serve("mixtral")
+    await eventually(
+        lambda: (tool_condition() or {}).get("status") == "False", message="tool calling off"
+    )
+    got = tool_condition()
+    assert got is not None and got["reason"] == "ParserUnsupported" and got["message"] == reason
+    ready = next(c for c in status(api)["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    # A fixed checkpoint (new replicas report nothing off): the condition turns True.
+    load.unavailable = {}
+    await eventually(
+        lambda: (tool_condition() or {}).get("status") == "True", message="tool calling on"
+    )

@@ -379,3 +379,73 @@ def test_cel_rules_pass_a_valid_incremental_spec() -> None:
     }
     MoEDeploymentSpec.model_validate(body)
     assert _cel_failures(body) == []
+
+
+# ------------------------------------------- incremental upgrade: what KubeRay creates to route to
+
+
+def kuberay_routing_objects(ray_service: Obj, active: str | None, pending: str | None) -> set[str]:
+    """`Kind/name` of the objects KubeRay creates to route traffic to a RayService, by upgrade
+    strategy (ray-project/kuberay ray-operator/controllers/ray):
+
+    * common/service.go BuildServeService: for a RayService the Service is named after the
+      RayService, `<name>-serve-svc` (or serveService.metadata.name), *unless*
+      IsIncrementalUpgradeEnabled: then it is named after each RayCluster, `<cluster>-serve-svc`,
+      and a custom serveService is ignored; rayservice_controller.go
+      reconcilePerClusterServeService makes one per active and pending cluster.
+    * rayservice_controller.go createGateway / createHTTPRoute (incremental only): Gateway
+      `<name>-gateway` with one listener "http" on port 80 (utils/constant.go
+      GatewayListenerPortName, DefaultGatewayListenerPort), HTTPRoute `<name>-httproute` whose
+      backends are the per-cluster serve Services.
+    """
+    name = ray_service["metadata"]["name"]
+    strategy = (ray_service["spec"].get("upgradeStrategy") or {}).get("type")
+    if strategy != "NewClusterWithIncrementalUpgrade":
+        return {f"Service/{kuberay_serve_service(ray_service, active or pending or '')['name']}"}
+    clusters = [c for c in (active, pending) if c]
+    return {f"Service/{c}-serve-svc" for c in clusters} | {
+        f"Gateway/{name}-gateway",
+        f"HTTPRoute/{name}-httproute",
+    }
+
+
+@pytest.mark.parametrize("strategy", ["NewCluster", "None", "NewClusterWithIncrementalUpgrade"])
+def test_aliases_and_live_state_point_at_what_kuberay_creates(strategy: str) -> None:
+    """Every ExternalName alias the operator renders, and the URL it reads the live state
+    from, name a Service KubeRay creates under the spec's upgrade strategy. Under
+    NewClusterWithIncrementalUpgrade there is no `<name>-serve-svc`: before, the -http/-grpc
+    aliases pointed at nothing and every live-state read failed."""
+    from moe_operator.render import endpoints, serving_base_url
+
+    changes: dict[str, Any] = {"upgradeStrategy": strategy}
+    if strategy == "NewClusterWithIncrementalUpgrade":
+        changes["gatewayClassName"] = "istio"
+    spec = _spec(GEMMA, **changes)
+    owner = Owner("m", "llm", UID)
+    children = _children(spec)
+    ray_service = children["RayService/m"]
+    for active, pending in (("m-abc12", None), ("m-abc12", "m-def34")):
+        created = kuberay_routing_objects(ray_service, active, pending)
+        aliases = [o for o in children.values() if o["spec"].get("type") == "ExternalName"]
+        for alias in aliases:
+            target = alias["spec"]["externalName"].split(".")
+            assert target[1:3] == ["llm", "svc"]
+            assert f"Service/{target[0]}" in created, (alias["metadata"]["name"], created)
+        status = {"activeServiceStatus": {"rayClusterName": active}}
+        if pending:
+            status["pendingServiceStatus"] = {"rayClusterName": pending}
+        base = serving_base_url(owner, spec, {**ray_service, "status": status})
+        assert base is not None
+        host = base.removeprefix("http://").split(".")[0]
+        assert f"Service/{host}" in created
+        if strategy == "NewClusterWithIncrementalUpgrade":
+            assert host == f"{active}-serve-svc"  # the active cluster's
+            assert aliases == []
+            gateway = endpoints(owner, spec)["gateway"]
+            assert gateway == "llm/m-gateway:80" and "Gateway/m-gateway" in created
+        else:
+            assert {a["metadata"]["name"] for a in aliases} == {"m-http", "m-grpc"}
+            assert set(endpoints(owner, spec)) == {"http", "grpc"}
+    if strategy == "NewClusterWithIncrementalUpgrade":
+        # No active cluster yet (first rollout): nothing to read from.
+        assert serving_base_url(owner, spec, {**ray_service, "status": {}}) is None

@@ -219,3 +219,48 @@ def test_board_keeps_the_metrics_of_replicas_that_report(monkeypatch: pytest.Mon
     assert "a" not in board.metrics and board.get_metrics() == {"b": "text b2"}
     board.drop("b")
     assert board.get_metrics() == {}
+
+
+def test_unavailable_tool_calling_becomes_a_false_condition() -> None:
+    """A replica serving without its tool parser (moe_serving.parser_support) reports why in
+    `/v1/moe/state`; the operator sets ToolCallingAvailable False with those words. Replicas
+    that report nothing (older images) leave it Unknown; the others' report counts."""
+    reason = "tool calling is off: vLLM's 'mistral' parser cannot be used with ..."
+    reports = {
+        "a": {**rep("a", NOW - 1, 0, 0, 0, 10), "unavailable": {"tool_calling": reason}},
+        "b": rep("b", NOW - 1, 0, 0, 0, 10),
+        "old": {**rep("old", NOW - 60, 0, 0, 0, 10), "unavailable": {"reasoning": "stale"}},
+    }
+    served = live_state.state_body("app", "LLMEngine", reports, 2, 2, NOW)
+    assert served["unavailable"] == {"tool_calling": reason}
+    sample = live.parse(served)
+    value = live.summarize(None, sample, 1.0)
+
+    def conditions(value: live.LiveStatus | None) -> dict[str, tuple[str, str, str]]:
+        inputs = st.Inputs(
+            name="m",
+            generation=1,
+            now="2026-12-03T00:00:00Z",
+            ray_service=ready_ray_service(),
+            live=value,
+            tool_calling=True,
+            reasoning=True,
+        )
+        return {
+            c["type"]: (c["status"], c["reason"], c["message"])
+            for c in st.compute(inputs)["conditions"]
+        }
+
+    got = conditions(value)
+    assert got["ToolCallingAvailable"] == ("False", "ParserUnsupported", reason)
+    assert got["ReasoningAvailable"][:2] == ("True", "Serving")
+    assert got["Ready"][0] == "True"  # served without the parser, not failed
+    assert conditions(None)["ToolCallingAvailable"][:2] == ("Unknown", "NotReported")
+    older = {k: v for k, v in served.items() if k != "unavailable"}
+    assert (
+        conditions(live.summarize(None, live.parse(older), 1.0))["ToolCallingAvailable"][0]
+        == "Unknown"
+    )
+    # A plan without parsers has no such conditions.
+    plain = st.compute(st.Inputs(name="m", generation=1, now="x", live=value))
+    assert {c["type"] for c in plain["conditions"]} == {"Ready", "Progressing", "Degraded"}
