@@ -353,3 +353,29 @@ def test_sections_and_partial_runs() -> None:
     # The estimate counts 11 launches for 5 rounds of 3 systems (one shared per boundary).
     targets = {"vllm": 1, "ray-serve-llm": 1, "ours": 2}
     assert full.estimate_serving_s(targets) > quick.estimate_serving_s(targets)
+
+
+def test_main_refuses_engines_beside_another_ray_and_still_writes_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--only serving --quick` end to end through main(), with a (pretend) foreign Ray."""
+    monkeypatch.setattr(run, "foreign_engines", lambda: ["4242: /fake/raylet"])
+    code = run.main(
+        [
+            "--only",
+            "serving",
+            "--quick",
+            "--rounds",
+            "3",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
+    assert code == 1
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["sections"]["serving"]["status"] == "not run"
+    assert saved["launches"] == [] and saved["serving"] == []
+    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "/fake/raylet" in text and "INVALID" not in text
