@@ -197,12 +197,18 @@ def interval(
     )
 
 
-def fmt_interval(iv: stats.Interval | None) -> str:
+def fmt_interval(iv: stats.Interval | None, rounds: int | None = None) -> str:
+    """`1.05x [0.98, 1.12]`; says so when fewer than the run's `rounds` had both values (a
+    round where a side served nothing, or its launch failed, is left out of the ratio)."""
     if iv is None:
         return "-"
     if iv.low is None or iv.high is None:
-        return f"{iv.estimate:.2f}x (1 round)"
-    return f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+        text = f"{iv.estimate:.2f}x (1 round)"
+    else:
+        text = f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+    if rounds is not None and iv.n < rounds and iv.n > 1:
+        text += f" ({iv.n} of {rounds} rounds)"
+    return text
 
 
 def _concs(results: dict[str, Any], stream: bool) -> list[int]:
@@ -249,6 +255,7 @@ def headline(results: dict[str, Any]) -> list[str]:
 def ratio_table(results: dict[str, Any], stream: bool) -> list[str]:
     """Every comparison in every cell: ratio [95% interval] per metric."""
     metrics = [m for m in RATIO_METRICS if _applies(m[0], stream)]
+    n_rounds = len(rounds_of(results))
     lines = [
         "| comparison | conc | " + " | ".join(label for _, label, _ in metrics) + " |",
         "|" + " --- |" * (len(metrics) + 2),
@@ -256,7 +263,8 @@ def ratio_table(results: dict[str, Any], stream: bool) -> list[str]:
     for conc in _concs(results, stream):
         for num, den in _comparisons(results):
             parts = [
-                fmt_interval(interval(results, num, den, stream, conc, k)) for k, _, _ in metrics
+                fmt_interval(interval(results, num, den, stream, conc, k), n_rounds)
+                for k, _, _ in metrics
             ]
             if all(p == "-" for p in parts):
                 continue
@@ -271,7 +279,7 @@ def ratio_table(results: dict[str, Any], stream: bool) -> list[str]:
 def ttft_c1_lines(results: dict[str, Any]) -> list[str]:
     """TTFT p50 at concurrency 1 (streaming): the latency a single user feels."""
     lines = [
-        "| comparison | TTFT p50 at concurrency 1 | ours | peer |",
+        "| comparison A / B | TTFT p50 A / B at concurrency 1 | A | B |",
         "| --- | --- | --- | --- |",
     ]
     found = False
@@ -281,7 +289,8 @@ def ttft_c1_lines(results: dict[str, Any]) -> list[str]:
             continue
         found = True
         lines.append(
-            f"| {SHORT.get(num, num)} / {SHORT.get(den, den)} | {fmt_interval(iv)} | "
+            f"| {SHORT.get(num, num)} / {SHORT.get(den, den)} | "
+            f"{fmt_interval(iv, len(rounds_of(results)))} | "
             f"{_fmt(median_of(results, (num, True, 1), 'ttft_p50_s'), 's')} | "
             f"{_fmt(median_of(results, (den, True, 1), 'ttft_p50_s'), 's')} |"
         )
@@ -315,7 +324,7 @@ def grpc_lines(results: dict[str, Any]) -> list[str]:
             found = True
             lines.append(
                 f"| {'yes' if stream else 'no'} | {conc} | "
-                + " | ".join(fmt_interval(iv) for iv in ivs)
+                + " | ".join(fmt_interval(iv, len(rounds_of(results))) for iv in ivs)
                 + " |"
             )
     return lines if found else ["Not measured."]
@@ -349,7 +358,8 @@ def behind(results: dict[str, Any]) -> list[str]:
     lines = ["| cell | comparison | metric | ratio [95% interval] | reason |"]
     lines.append("| --- | --- | --- | --- | --- |")
     for cell, comparison, label, iv in rows:
-        lines.append(f"| {cell} | {comparison} | {label} | {fmt_interval(iv)} |  |")
+        n_rounds = len(rounds_of(results))
+        lines.append(f"| {cell} | {comparison} | {label} | {fmt_interval(iv, n_rounds)} |  |")
     return lines
 
 

@@ -125,9 +125,6 @@ class Plan:
             stream=stream,
         )
 
-    def workloads(self, stream: bool) -> list[Workload]:
-        return [self.workload(c, stream) for c in self.concurrency]
-
     def cells(self, streams: tuple[bool, ...]) -> list[tuple[bool, int]]:
         return [(stream, c) for stream in streams for c in self.concurrency]
 

@@ -320,6 +320,22 @@ def test_report_of_known_ratios() -> None:
     assert "| vLLM OpenAI server (baseline) | 1 |" in values and "| 50/50 | 5 |" in values
 
 
+def test_a_round_where_a_side_served_nothing_is_left_out_and_said_so() -> None:
+    results = synthetic(5)
+    for row in results["serving"]:
+        if (row["system"], row["stream"], row["concurrency"], row["round"]) == (
+            "ours-http",
+            True,
+            4,
+            2,
+        ):
+            row["summary"]["output_tokens_per_s"] = 0.0
+    iv = report.interval(results, "ours-http", "vllm", True, 4, "output_tokens_per_s")
+    assert iv is not None and iv.n == 4
+    table = report.render(results, []).split("## Serving, streaming: ratios")[1]
+    assert "| ours HTTP / vLLM | 4 | 0.80x [0.80, 0.80] (4 of 5 rounds) |" in table
+
+
 def test_a_report_from_one_round_calls_nothing_behind() -> None:
     text = report.render(synthetic(1), [])
     assert "No intervals: fewer than 2 rounds" in text
