@@ -430,17 +430,33 @@ def baseline_problems(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cancelled_lines(results: dict[str, Any]) -> list[str]:
+    """Requests of a baseline still running at a cell's wall-time bound (not failures)."""
+    counts: dict[str, int] = {}
+    for row in results.get("serving", []):
+        n = int(row["summary"].get("cancelled") or 0)
+        if row["system"] in BASELINES and n:
+            counts[row["system"]] = counts.get(row["system"], 0) + n
+    return [
+        f"- note: {n} request(s) of {LABELS[system]} were still running at a cell's wall-time "
+        "bound and were cancelled (not failures; they show in ok/sent)"
+        for system, n in counts.items()
+    ]
+
+
 def validity_lines(results: dict[str, Any]) -> list[str]:
     problems = baseline_problems(results)
     if not problems:
         return [
-            "Valid: no request and no launch of a baseline system (vLLM, Ray Serve LLM) failed."
+            "Valid: no request and no launch of a baseline system (vLLM, Ray Serve LLM) failed.",
+            *cancelled_lines(results),
         ]
     return [
         "**INVALID RUN: unexplained baseline failures.** A baseline that drops requests or does",
         "not start makes every ratio against it meaningless until someone explains the errors:",
         "",
         *problems,
+        *cancelled_lines(results),
     ]
 
 

@@ -322,7 +322,7 @@ class CpuMeter:
         self._pids = pids
         self._lock = threading.Lock()
         self._last: dict[tuple[int, int], ProcCpu] = {}
-        self._carried = 0.0
+        self._gone: dict[tuple[int, int], float] = {}  # carried time of each vanished member
         self._total = 0.0
 
     def sample(self) -> float:
@@ -332,6 +332,9 @@ class CpuMeter:
                 info = read_proc_cpu(pid)
                 if info is not None:
                     current[info.key] = info
+            # A member missed by one listing (a transient error) and seen again is not carried.
+            for key in current:
+                self._gone.pop(key, None)
             by_pid = {info.pid: info for info in current.values()}
             # How much each live member's reaped-children time grew since the last sample.
             absorbed = {
@@ -345,9 +348,10 @@ class CpuMeter:
                 if parent is not None and absorbed[parent.key] >= old.total_s - 1e-9:
                     absorbed[parent.key] -= old.total_s  # reaped inside the tree: counted there
                 else:
-                    self._carried += old.total_s  # reaped outside: keep what it had used
+                    self._gone[key] = old.total_s  # reaped outside: keep what it had used
             self._last = current
-            self._total = self._carried + sum(info.total_s for info in current.values())
+            carried = sum(self._gone.values())
+            self._total = carried + sum(info.total_s for info in current.values())
             return self._total
 
     def total_s(self) -> float:

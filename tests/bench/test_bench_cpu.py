@@ -120,3 +120,29 @@ def test_the_meter_is_monotonic_and_ignores_processes_outside_the_tree(tmp_path:
         quiet.kill()
         quiet.wait()
         outsider.wait()
+
+
+def test_a_member_missed_by_one_listing_is_not_counted_twice() -> None:
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.4\n"
+            "while time.process_time() < end: pass\ntime.sleep(30)",
+        ]
+    )
+    try:
+        listed = [True]
+        meter = CpuMeter(lambda: [busy.pid] if listed[0] else [])
+        while (info := read_proc_cpu(busy.pid)) is not None and info.own_s < 0.4:
+            time.sleep(0.05)
+        first = meter.sample()
+        listed[0] = False
+        assert meter.sample() == pytest.approx(first)  # vanished: its time is kept
+        listed[0] = True
+        again = meter.sample()
+        assert again == pytest.approx(first, abs=0.05)  # back: counted once, not twice
+        assert again == meter.total_s()
+    finally:
+        busy.kill()
+        busy.wait()

@@ -286,8 +286,11 @@ def synthetic(rounds: int) -> dict[str, Any]:
 
 
 def test_report_of_known_ratios() -> None:
-    text = report.render(synthetic(5), [])
+    results = synthetic(5)
+    results["serving"][0]["summary"]["cancelled"] = 2  # a vLLM cell hit its wall-time bound
+    text = report.render(results, [])
     assert "Valid:" in text and "Only" not in text.split("## Run")[0]
+    assert "- note: 2 request(s) of vLLM OpenAI server (baseline) were still running" in text
     behind = text.split("## Where ours is behind a peer")[1].split("\n## ")[0]
     assert (
         "| streaming, concurrency 1 | ours HTTP / vLLM | out tok/s | 0.80x [0.80, 0.80] |  |"
