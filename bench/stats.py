@@ -9,24 +9,27 @@ with: that system stays up across the boundary (`launch_groups`), saving one sta
 
 Ratios. For a comparison A / B in one cell, round r gives a ratio a_r / b_r (paired: both were
 measured in the same round, minutes apart). The estimate is the geometric mean of the per-round
-ratios (symmetric: B / A is exactly its reciprocal), and its 95% interval is the percentile
+ratios (symmetric: B / A is exactly its reciprocal), and its 95% interval is a percentile
 bootstrap over rounds (rounds resampled with replacement, a seeded generator, so a report is
-reproducible). Launch-level facts that do not pair by round (cold start) use the unpaired
-variant: each side resampled on its own, ratio of geometric means.
+reproducible), expanded for few rounds (`expanded_tail`: the plain percentile interval from 5
+rounds covers the truth only ~83% of the time). Launch-level facts that do not pair by round
+(cold start) use the unpaired variant: each side resampled on its own, ratio of geometric means.
 """
 
 from __future__ import annotations
 
 import math
-import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
-#: Resamples per interval; with <= 10 rounds the percentile interval is stable to ~1% at this n.
-RESAMPLES = 4000
+#: Resamples per interval (the expanded interval reads far quantiles, ~0.1% for 5 rounds).
+RESAMPLES = 20000
 LEVEL = 0.95
 
 
@@ -109,11 +112,36 @@ def geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    rank = q * (len(sorted_values) - 1)
-    low, high = math.floor(rank), math.ceil(rank)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+#: Student's t, 97.5% quantile, by degrees of freedom (a missing df uses the next lower one).
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+    9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000,
+}  # fmt: skip
+
+
+def expanded_tail(n: int, level: float = LEVEL) -> float:
+    """The lower tail probability of the expanded percentile interval for `n` samples.
+
+    The plain percentile bootstrap is too narrow for few samples (its 95% interval covers the
+    truth ~83% of the time from 5 rounds). Hesterberg's expansion uses the bootstrap quantiles
+    at Phi(-sqrt(n / (n - 1)) * t_{n-1}) instead of (1 - level) / 2: for n = 5 and 95%, the
+    0.1% and 99.9% quantiles. Other levels than 95% use the normal quantile for t.
+    """
+    if n < 2:
+        raise ValueError("an interval needs at least 2 samples")
+    normal = statistics.NormalDist()
+    if abs(level - 0.95) < 1e-12:
+        df = n - 1
+        t = _T975[max(k for k in _T975 if k <= df)]
+    else:
+        t = normal.inv_cdf(1 - (1 - level) / 2)
+    return normal.cdf(-math.sqrt(n / (n - 1)) * t)
+
+
+def _bootstrap_means(logs: Sequence[float], resamples: int, rng: np.random.Generator) -> Any:
+    values = np.asarray(logs, dtype=float)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    return np.sort(values[picks].mean(axis=1))
 
 
 def _usable(a: float | None, b: float | None) -> bool:
@@ -139,15 +167,13 @@ def paired_ratio(
     if not logs:
         return None
     estimate = math.exp(sum(logs) / len(logs))
-    if len(logs) < 2:
-        return Interval(estimate, None, None, len(logs))
-    rng = random.Random(seed)
     n = len(logs)
-    means = sorted(sum(rng.choices(logs, k=n)) / n for _ in range(resamples))
-    tail = (1 - level) / 2
-    return Interval(
-        estimate, math.exp(_quantile(means, tail)), math.exp(_quantile(means, 1 - tail)), n
-    )
+    if n < 2:
+        return Interval(estimate, None, None, n)
+    means = _bootstrap_means(logs, resamples, np.random.default_rng(seed))
+    tail = expanded_tail(n, level)
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Interval(estimate, math.exp(low), math.exp(high), n)
 
 
 def unpaired_ratio(
@@ -167,12 +193,10 @@ def unpaired_ratio(
     n = min(len(la), len(lb))
     if n < 2:
         return Interval(estimate, None, None, n)
-    rng = random.Random(seed)
-    diffs = sorted(
-        sum(rng.choices(la, k=len(la))) / len(la) - sum(rng.choices(lb, k=len(lb))) / len(lb)
-        for _ in range(resamples)
+    rng = np.random.default_rng(seed)
+    diffs = np.sort(
+        _bootstrap_means(la, resamples, rng) - rng.permutation(_bootstrap_means(lb, resamples, rng))
     )
-    tail = (1 - level) / 2
-    return Interval(
-        estimate, math.exp(_quantile(diffs, tail)), math.exp(_quantile(diffs, 1 - tail)), n
-    )
+    tail = expanded_tail(n, level)
+    low, high = np.quantile(diffs, [tail, 1 - tail])
+    return Interval(estimate, math.exp(low), math.exp(high), n)
