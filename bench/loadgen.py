@@ -219,6 +219,18 @@ class LoadResult:
     cancelled: int = 0
     wall_s: float = 0.0
 
+    def failures(self) -> list[dict[str, Any]]:
+        """Every failed request with its error (cancelled ones are counted in `cancelled`)."""
+        return [
+            {"index": r.index, "start_s": round(r.start_s, 3), "error": r.error or "unknown"}
+            for r in self.results
+            if not r.ok
+        ]
+
+    def output_tokens(self) -> int:
+        """Output tokens of the successful requests."""
+        return sum(r.output_tokens for r in self.results if r.ok)
+
     def summary(self) -> Summary:
         good = [r for r in self.results if r.ok]
         bad = [r for r in self.results if not r.ok]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import stats
 
 BASELINE = "vllm"
 LABELS = {
@@ -126,127 +127,404 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def _cells(results: dict[str, Any]) -> dict[tuple[str, bool, int], dict[str, Any]]:
-    return {
-        (row["system"], bool(row["stream"]), int(row["concurrency"])): row
-        for row in results.get("serving", [])
-    }
+BASELINES = ("vllm", "ray-serve-llm")
+OURS = ("ours-http", "ours-grpc")
+#: (numerator, denominator) pairs shown with intervals; ours first, then the peers' own ratio.
+COMPARISONS = (
+    ("ours-http", "vllm"),
+    ("ours-grpc", "vllm"),
+    ("ours-http", "ray-serve-llm"),
+    ("ours-grpc", "ray-serve-llm"),
+    ("ours-grpc", "ours-http"),
+    ("ray-serve-llm", "vllm"),
+)
+#: Metrics compared with intervals: key, label, higher is better.
+RATIO_METRICS = (
+    ("output_tokens_per_s", "out tok/s", True),
+    ("ttft_p50_s", "TTFT p50", False),
+    ("e2e_p50_s", "E2E p50", False),
+    ("e2e_p99_s", "E2E p99", False),
+    ("cpu_s_per_1k_tokens", "CPU s / 1k tok", False),
+)
+SHORT = {
+    "vllm": "vLLM",
+    "ray-serve-llm": "Ray Serve LLM",
+    "ours-http": "ours HTTP",
+    "ours-grpc": "ours gRPC",
+    "ours-ep-off": "ours EP off",
+}
+
+
+def metric(row: dict[str, Any], key: str) -> float | None:
+    """A cell's value of `key` (CPU per 1k tokens sits beside the load summary)."""
+    value = row.get(key) if key == "cpu_s_per_1k_tokens" else row["summary"].get(key)
+    return None if value is None else float(value)
+
+
+Cell = tuple[str, bool, int]
+
+
+def by_cell(results: dict[str, Any]) -> dict[Cell, dict[int, dict[str, Any]]]:
+    """{(system, stream, concurrency): {round: row}} (rows of older runs have no round: 0)."""
+    out: dict[Cell, dict[int, dict[str, Any]]] = {}
+    for row in results.get("serving", []):
+        key = (row["system"], bool(row["stream"]), int(row["concurrency"]))
+        out.setdefault(key, {})[int(row.get("round", 0))] = row
+    return out
+
+
+def rounds_of(results: dict[str, Any]) -> list[int]:
+    return sorted({int(row.get("round", 0)) for row in results.get("serving", [])})
+
+
+def per_round(results: dict[str, Any], cell: Cell, key: str) -> list[float | None]:
+    """The cell's value in each round of the run (None where that round has none)."""
+    rows = by_cell(results).get(cell, {})
+    return [metric(rows[r], key) if r in rows else None for r in rounds_of(results)]
+
+
+def median_of(results: dict[str, Any], cell: Cell, key: str) -> float | None:
+    values = [v for v in per_round(results, cell, key) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def interval(
+    results: dict[str, Any], num: str, den: str, stream: bool, conc: int, key: str
+) -> stats.Interval | None:
+    """num / den in one cell, paired by round, with its bootstrap interval."""
+    return stats.paired_ratio(
+        per_round(results, (num, stream, conc), key), per_round(results, (den, stream, conc), key)
+    )
+
+
+def fmt_interval(iv: stats.Interval | None, rounds: int | None = None) -> str:
+    """`1.05x [0.98, 1.12]`; says so when fewer than the run's `rounds` had both values (a
+    round where a side served nothing, or its launch failed, is left out of the ratio)."""
+    if iv is None:
+        return "-"
+    if iv.low is None or iv.high is None:
+        text = f"{iv.estimate:.2f}x (1 round)"
+    else:
+        text = f"{iv.estimate:.2f}x [{iv.low:.2f}, {iv.high:.2f}]"
+    if rounds is not None and iv.n < rounds and iv.n > 1:
+        text += f" ({iv.n} of {rounds} rounds)"
+    return text
+
+
+def _concs(results: dict[str, Any], stream: bool) -> list[int]:
+    return sorted({c for (_, s, c) in by_cell(results) if s == stream})
+
+
+def _comparisons(results: dict[str, Any]) -> list[tuple[str, str]]:
+    present = {system for (system, _, _) in by_cell(results)}
+    return [(a, b) for a, b in COMPARISONS if a in present and b in present]
+
+
+def _applies(key: str, stream: bool) -> bool:
+    return stream or not key.startswith("ttft")
 
 
 def headline(results: dict[str, Any]) -> list[str]:
-    """One line per system: the median, over the sweep's cells, of each ratio to vLLM."""
-    cells = _cells(results)
-    systems = [s for s in results.get("system_order", []) if s != BASELINE]
-    lines = [
-        "| system | out tok/s vs vLLM | req/s vs vLLM | TTFT p50 vs vLLM | E2E p99 vs vLLM "
-        "| cells |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for system in systems:
-        ratios: dict[str, list[float]] = {
-            k: [] for k in ("output_tokens_per_s", "requests_per_s", "ttft_p50_s", "e2e_p99_s")
-        }
-        n = 0
-        for (name, stream, conc), row in cells.items():
-            base = cells.get((BASELINE, stream, conc))
-            if name != system or base is None:
+    """Per comparison and metric: the median ratio over cells, and how many cells are behind
+    or ahead beyond the 95% interval."""
+    header = "| comparison | " + " | ".join(label for _, label, _ in RATIO_METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(RATIO_METRICS) + 1)]
+    for num, den in _comparisons(results):
+        parts = []
+        for key, _, higher in RATIO_METRICS:
+            ivs = [
+                iv
+                for stream in (True, False)
+                if _applies(key, stream)
+                for conc in _concs(results, stream)
+                if (iv := interval(results, num, den, stream, conc, key)) is not None
+            ]
+            if not ivs:
+                parts.append("-")
                 continue
-            n += 1
-            for key, values in ratios.items():
-                r = ratio(row["summary"].get(key), base["summary"].get(key))
-                if r is not None:
-                    values.append(r)
-        if not n:
-            continue
-
-        def med(values: list[float]) -> str:
-            return f"{statistics.median(values):.2f}x" if values else "-"
-
+            worse = sum(iv.worse(higher) for iv in ivs)
+            better = sum(iv.better(higher) for iv in ivs)
+            med = statistics.median(iv.estimate for iv in ivs)
+            parts.append(f"{med:.2f}x ({worse} worse, {better} better, of {len(ivs)})")
         lines.append(
-            f"| {LABELS.get(system, system)} | {med(ratios['output_tokens_per_s'])} | "
-            f"{med(ratios['requests_per_s'])} | {med(ratios['ttft_p50_s'])} | "
-            f"{med(ratios['e2e_p99_s'])} | {n} |"
+            f"| {SHORT.get(num, num)} / {SHORT.get(den, den)} | " + " | ".join(parts) + " |"
         )
     return lines
 
 
-#: A cell counts as behind when ours is this much worse than the peer (noise on a shared
-#: 2-core machine is of this order; see README.md for the why).
-BEHIND_MARGIN = 0.10
-OURS = ("ours-http", "ours-grpc")
+def ratio_table(results: dict[str, Any], stream: bool) -> list[str]:
+    """Every comparison in every cell: ratio [95% interval] per metric."""
+    metrics = [m for m in RATIO_METRICS if _applies(m[0], stream)]
+    n_rounds = len(rounds_of(results))
+    lines = [
+        "| comparison | conc | " + " | ".join(label for _, label, _ in metrics) + " |",
+        "|" + " --- |" * (len(metrics) + 2),
+    ]
+    for conc in _concs(results, stream):
+        for num, den in _comparisons(results):
+            parts = [
+                fmt_interval(interval(results, num, den, stream, conc, k), n_rounds)
+                for k, _, _ in metrics
+            ]
+            if all(p == "-" for p in parts):
+                continue
+            lines.append(
+                f"| {SHORT.get(num, num)} / {SHORT.get(den, den)} | {conc} | "
+                + " | ".join(parts)
+                + " |"
+            )
+    return lines
+
+
+def ttft_c1_lines(results: dict[str, Any]) -> list[str]:
+    """TTFT p50 at concurrency 1 (streaming): the latency a single user feels."""
+    lines = [
+        "| comparison A / B | TTFT p50 A / B at concurrency 1 | A | B |",
+        "| --- | --- | --- | --- |",
+    ]
+    found = False
+    for num, den in _comparisons(results):
+        iv = interval(results, num, den, True, 1, "ttft_p50_s")
+        if iv is None:
+            continue
+        found = True
+        lines.append(
+            f"| {SHORT.get(num, num)} / {SHORT.get(den, den)} | "
+            f"{fmt_interval(iv, len(rounds_of(results)))} | "
+            f"{_fmt(median_of(results, (num, True, 1), 'ttft_p50_s'), 's')} | "
+            f"{_fmt(median_of(results, (den, True, 1), 'ttft_p50_s'), 's')} |"
+        )
+    return lines if found else ["Not measured (no streaming cell at concurrency 1)."]
+
+
+def grpc_lines(results: dict[str, Any]) -> list[str]:
+    """gRPC / HTTP of ours, per concurrency: both measured on the same launch, cell by cell."""
+    keys = (
+        ("ttft_p50_s", "TTFT p50"),
+        ("e2e_p50_s", "E2E p50"),
+        ("e2e_p99_s", "E2E p99"),
+        ("output_tokens_per_s", "out tok/s"),
+        ("cpu_s_per_1k_tokens", "CPU s / 1k tok"),
+    )
+    lines = [
+        "| stream | conc | " + " | ".join(label for _, label in keys) + " |",
+        "|" + " --- |" * (len(keys) + 2),
+    ]
+    found = False
+    for stream in (True, False):
+        for conc in _concs(results, stream):
+            ivs = [
+                interval(results, "ours-grpc", "ours-http", stream, conc, k)
+                if _applies(k, stream)
+                else None
+                for k, _ in keys
+            ]
+            if all(iv is None for iv in ivs):
+                continue
+            found = True
+            lines.append(
+                f"| {'yes' if stream else 'no'} | {conc} | "
+                + " | ".join(fmt_interval(iv, len(rounds_of(results))) for iv in ivs)
+                + " |"
+            )
+    return lines if found else ["Not measured."]
+
+
+def behind_cells(results: dict[str, Any]) -> list[tuple[str, str, str, stats.Interval]]:
+    """(cell, comparison, metric, interval) where ours is worse than a peer beyond the interval."""
+    out = []
+    for stream in (True, False):
+        for conc in _concs(results, stream):
+            for num, den in _comparisons(results):
+                if num not in OURS or den not in BASELINES:
+                    continue
+                for key, label, higher in RATIO_METRICS:
+                    if not _applies(key, stream):
+                        continue
+                    iv = interval(results, num, den, stream, conc, key)
+                    if iv is not None and iv.worse(higher):
+                        cell = f"{'streaming' if stream else 'non-streaming'}, concurrency {conc}"
+                        out.append((cell, f"{SHORT[num]} / {SHORT[den]}", label, iv))
+    return out
 
 
 def behind(results: dict[str, Any]) -> list[str]:
-    """Every sweep cell where ours is >10% worse than bare vLLM or Ray Serve LLM, by how much."""
-    cells = _cells(results)
-    peers = [s for s in results.get("system_order", []) if s in ("vllm", "ray-serve-llm")]
-    out: list[str] = []
-    checks = (
-        ("output_tokens_per_s", "output tokens/s", True),
-        ("ttft_p50_s", "TTFT p50", False),
-        ("e2e_p99_s", "E2E p99", False),
-    )
-    for (system, stream, conc), row in sorted(cells.items()):
-        if system not in OURS:
-            continue
-        for peer in peers:
-            base = cells.get((peer, stream, conc))
-            if base is None:
-                continue
-            for key, label, higher_is_better in checks:
-                r = ratio(row["summary"].get(key), base["summary"].get(key))
-                if r is None:
-                    continue
-                worse = r < 1 - BEHIND_MARGIN if higher_is_better else r > 1 + BEHIND_MARGIN
-                if worse:
-                    how = (
-                        f"{(1 - r) * 100:.0f}% lower"
-                        if higher_is_better
-                        else (f"{(r - 1) * 100:.0f}% higher")
-                    )
-                    out.append(
-                        f"- {LABELS.get(system, system)} vs {LABELS.get(peer, peer)}, "
-                        f"{'streaming' if stream else 'non-streaming'}, concurrency {conc}: "
-                        f"{label} {how} ({r:.2f}x)"
-                    )
-    return out or ["Nowhere by more than 10% in this run."]
+    """The cells where ours is behind a peer: the whole 95% interval on the bad side of 1.0."""
+    rows = behind_cells(results)
+    if not rows:
+        if len(rounds_of(results)) < 2:
+            return ["No intervals: fewer than 2 rounds, so no cell can be called behind."]
+        return ["Nowhere: in every cell the interval includes 1.0 or is on the good side."]
+    lines = ["| cell | comparison | metric | ratio [95% interval] | reason |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for cell, comparison, label, iv in rows:
+        n_rounds = len(rounds_of(results))
+        lines.append(f"| {cell} | {comparison} | {label} | {fmt_interval(iv, n_rounds)} |  |")
+    return lines
 
 
 def sweep_table(results: dict[str, Any], stream: bool) -> list[str]:
-    cells = _cells(results)
-    concs = sorted({c for (_, s, c) in cells if s == stream})
-    header = "| system | conc | " + " | ".join(label for _, label, _ in METRICS) + " | ok/sent |"
-    lines = [header, "|" + " --- |" * (len(METRICS) + 3)]
-    for conc in concs:
-        base = cells.get((BASELINE, stream, conc))
+    """Absolute values: the median over rounds of each system's per-round value."""
+    cells = by_cell(results)
+    keys = [
+        ("requests_per_s", "req/s"),
+        ("output_tokens_per_s", "out tok/s"),
+        ("ttft_p50_s", "TTFT p50"),
+        ("ttft_p99_s", "TTFT p99"),
+        ("e2e_p50_s", "E2E p50"),
+        ("e2e_p99_s", "E2E p99"),
+        ("cpu_s_per_1k_tokens", "CPU s / 1k tok"),
+    ]
+    header = "| system | conc | " + " | ".join(label for _, label in keys) + " | ok/sent | rounds |"
+    lines = [header, "|" + " --- |" * (len(keys) + 4)]
+    for conc in _concs(results, stream):
         for system in results.get("system_order", []):
-            row = cells.get((system, stream, conc))
-            if row is None:
+            rows = cells.get((system, stream, conc))
+            if not rows:
                 continue
-            s = row["summary"]
             parts = []
-            for key, _, _ in METRICS:
+            for key, _ in keys:
                 unit = "s" if key.startswith(("ttft", "e2e")) else ""
-                text = _fmt(s.get(key), unit)
-                r = (
-                    ratio(s.get(key), base["summary"].get(key))
-                    if base and system != BASELINE
-                    else None
-                )
-                parts.append(f"{text} ({r:.2f}x)" if r is not None else text)
+                parts.append(_fmt(median_of(results, (system, stream, conc), key), unit))
+            ok = sum(r["summary"]["ok"] for r in rows.values())
+            sent = sum(r["summary"]["sent"] for r in rows.values())
             lines.append(
                 f"| {LABELS.get(system, system)} | {conc} | "
                 + " | ".join(parts)
-                + f" | {s['ok']}/{s['sent']} |"
+                + f" | {ok}/{sent} | {len(rows)} |"
             )
     return lines
+
+
+# --------------------------------------------------------------------- validity and failures
+
+
+def failure_groups(results: dict[str, Any]) -> list[tuple[str, str, int, str, int]]:
+    """(system, cell, round, error, count) for every failed request, identical errors merged."""
+    out = []
+    for row in results.get("serving", []):
+        errors: dict[str, int] = {}
+        for failure in row.get("failures", []):
+            errors[failure["error"]] = errors.get(failure["error"], 0) + 1
+        if not errors and row["summary"].get("failed"):  # a run recorded before `failures`
+            for error in row["summary"].get("errors") or ["(error not recorded)"]:
+                errors[error] = errors.get(error, 0) + 1
+        cell = f"{'streaming' if row['stream'] else 'non-streaming'} c={row['concurrency']}"
+        for error, count in sorted(errors.items()):
+            out.append((row["system"], cell, int(row.get("round", 0)), error, count))
+    return out
+
+
+def baseline_problems(results: dict[str, Any]) -> list[str]:
+    """Failed requests and failed launches of the baseline systems (each makes a run invalid)."""
+    lines = []
+    for system, cell, rnd, error, count in failure_groups(results):
+        if system in BASELINES:
+            lines.append(f"- {LABELS[system]}, {cell}, round {rnd}: {count} failed: `{error}`")
+    for launch in results.get("launches", []):
+        if launch.get("system") in BASELINES and launch.get("error"):
+            lines.append(
+                f"- {LABELS[launch['system']]}, launch {launch['launch']} (rounds "
+                f"{launch.get('rounds')}): `{launch['error']}`"
+            )
+    return lines
+
+
+def cancelled_lines(results: dict[str, Any]) -> list[str]:
+    """Requests of a baseline still running at a cell's wall-time bound (not failures)."""
+    counts: dict[str, int] = {}
+    for row in results.get("serving", []):
+        n = int(row["summary"].get("cancelled") or 0)
+        if row["system"] in BASELINES and n:
+            counts[row["system"]] = counts.get(row["system"], 0) + n
+    return [
+        f"- note: {n} request(s) of {LABELS[system]} were still running at a cell's wall-time "
+        "bound and were cancelled (not failures; they show in ok/sent)"
+        for system, n in counts.items()
+    ]
+
+
+def validity_lines(results: dict[str, Any]) -> list[str]:
+    problems = baseline_problems(results)
+    if not problems:
+        return [
+            "Valid: no request and no launch of a baseline system (vLLM, Ray Serve LLM) failed.",
+            *cancelled_lines(results),
+        ]
+    return [
+        "**INVALID RUN: unexplained baseline failures.** A baseline that drops requests or does",
+        "not start makes every ratio against it meaningless until someone explains the errors:",
+        "",
+        *problems,
+        *cancelled_lines(results),
+    ]
+
+
+def failures_lines(results: dict[str, Any]) -> list[str]:
+    groups = failure_groups(results)
+    if not groups:
+        return ["None: every request of every system succeeded (cancelled ones are in ok/sent)."]
+    lines = ["| system | cell | round | error | requests |", "| --- | --- | --- | --- | --- |"]
+    for system, cell, rnd, error, count in groups:
+        text = error.replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {LABELS.get(system, system)} | {cell} | {rnd} | `{text}` | {count} |")
+    return lines
+
+
+# ----------------------------------------------------------------- launches: cold start, RSS
 
 
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
+def _launches_by_system(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for launch in results.get("launches", []):
+        out.setdefault(launch["system"], []).append(launch)
+    return out
+
+
 def systems_table(results: dict[str, Any]) -> list[str]:
+    """Per system: cold start (each launch) and its ratio to vLLM's, RSS; failed launches."""
+    launches = _launches_by_system(results)
+    if not launches:
+        return _old_systems_table(results)
+    vllm_cold = [la.get("cold_start_s") for la in launches.get("vllm", [])]
+    lines = [
+        "| system | launches | cold start, median (each) | vs vLLM [95% interval] | RSS idle "
+        "| RSS peak | peak by role (largest launch) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, group in launches.items():
+        cold = [la["cold_start_s"] for la in group if la.get("cold_start_s") is not None]
+        each = ", ".join(f"{c:.0f}" for c in cold)
+        cold_text = f"{_fmt(statistics.median(cold), 's')} ({each} s)" if cold else "-"
+        iv = stats.unpaired_ratio(cold, vllm_cold) if name != "vllm" else None
+        idle = [la["rss_idle_bytes"] for la in group if la.get("rss_idle_bytes")]
+        peaks = [la for la in group if la.get("rss_peak_bytes")]
+        top = max(peaks, key=lambda la: la["rss_peak_bytes"]) if peaks else None
+        roles = ", ".join(
+            f"{role} {_mib(v)}"
+            for role, v in sorted(((top or {}).get("rss_peak_by_role") or {}).items())
+        )
+        failed = [la for la in group if la.get("error")]
+        status = f" ({len(failed)} failed)" if failed else ""
+        lines.append(
+            f"| {LABELS.get(name, name) if name in LABELS else name}{status} | {len(group)} | "
+            f"{cold_text} | {fmt_interval(iv) if name != 'vllm' else '-'} | "
+            f"{_mib(int(statistics.median(idle))) if idle else '-'} | "
+            f"{_mib(top['rss_peak_bytes']) if top else '-'} | {roles or '-'} |"
+        )
+    errors = [la for group in launches.values() for la in group if la.get("error")]
+    for la in errors:
+        lines.append("")
+        lines.append(f"- launch {la['launch']} of {la['system']} failed: `{la['error']}`")
+    return lines
+
+
+def _old_systems_table(results: dict[str, Any]) -> list[str]:
+    """The table of a run recorded before rounds (one launch per system)."""
     lines = [
         "| system | cold start (command to first token) | RSS idle | RSS peak | peak by role |",
         "| --- | --- | --- | --- | --- |",
@@ -263,6 +541,17 @@ def systems_table(results: dict[str, Any]) -> list[str]:
             f"{roles or '-'} |"
         )
     return lines
+
+
+def rounds_lines(results: dict[str, Any]) -> list[str]:
+    out = []
+    for section, info in (results.get("rounds") or {}).items():
+        orders = "; ".join(
+            f"round {r}: {' -> '.join(order)}" for r, order in enumerate(info.get("orders", []))
+        )
+        launches = ", ".join(f"{name} {rounds}" for name, rounds in info.get("launches", []))
+        out += [f"- {section}: {orders}", f"- {section} launches (system [rounds]): {launches}"]
+    return out
 
 
 def operator_table(results: dict[str, Any]) -> list[str]:
@@ -307,27 +596,29 @@ def autoscaling_lines(results: dict[str, Any]) -> list[str]:
 
 
 def ep_lines(results: dict[str, Any]) -> list[str]:
-    """EP=2 vs EP off: ours with the same settings but the experts TP-sharded."""
-    cells = _cells(results)
+    """EP=2 vs EP off: ours with the same settings but the experts TP-sharded (one launch of EP
+    off; EP on is the median over the serving rounds)."""
     rows = [
         "| conc | stream | EP2 out tok/s | EP off out tok/s | EP2 / EP off | EP2 E2E p99 | "
         "EP off E2E p99 |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     found = False
-    for (system, stream, conc), row in sorted(cells.items(), key=lambda kv: kv[0][2]):
-        if system != "ours-ep-off":
-            continue
-        ep = cells.get(("ours-http", stream, conc))
-        if ep is None:
+    for system, stream, conc in sorted(by_cell(results), key=lambda k: k[2]):
+        if system != "ours-ep-off" or ("ours-http", stream, conc) not in by_cell(results):
             continue
         found = True
-        a, b = ep["summary"], row["summary"]
-        r = ratio(a.get("output_tokens_per_s"), b.get("output_tokens_per_s"))
+        on, off = ("ours-http", stream, conc), (system, stream, conc)
+        a, b = (
+            median_of(results, on, "output_tokens_per_s"),
+            median_of(results, off, "output_tokens_per_s"),
+        )
+        r = ratio(a, b)
         rows.append(
-            f"| {conc} | {'yes' if stream else 'no'} | {_fmt(a.get('output_tokens_per_s'), '')} | "
-            f"{_fmt(b.get('output_tokens_per_s'), '')} | {'-' if r is None else f'{r:.2f}x'} | "
-            f"{_fmt(a.get('e2e_p99_s'), 's')} | {_fmt(b.get('e2e_p99_s'), 's')} |"
+            f"| {conc} | {'yes' if stream else 'no'} | {_fmt(a, '')} | {_fmt(b, '')} | "
+            f"{'-' if r is None else f'{r:.2f}x'} | "
+            f"{_fmt(median_of(results, on, 'e2e_p99_s'), 's')} | "
+            f"{_fmt(median_of(results, off, 'e2e_p99_s'), 's')} |"
         )
     return rows if found else ["Not run."]
 
@@ -342,7 +633,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = _cells(results)
+    cells = by_cell(results)
     if not cells:
         return []
     written = []
@@ -354,9 +645,11 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         for ax, stream in zip(axes, (True, False), strict=True):
             for system in results.get("system_order", []):
                 pts = sorted(
-                    (c, row["summary"].get(key))
-                    for (s, st, c), row in cells.items()
-                    if s == system and st == stream and row["summary"].get(key) is not None
+                    (c, value)
+                    for (s, st, c) in cells
+                    if s == system
+                    and st == stream
+                    and (value := median_of(results, (s, st, c), key)) is not None
                 )
                 if pts:
                     ax.plot(
@@ -374,7 +667,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title(f"{'streaming' if stream else 'non-streaming'}")
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{title} vs concurrency (same machine, same run)")
+        fig.suptitle(f"{title} vs concurrency (median over rounds; same machine, same run)")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=110)
@@ -391,16 +684,43 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
     m = meta["machine"]
     v = m["versions"]
     w = meta.get("workload", {})
+    serving = bool(results.get("serving"))
+    n_rounds = len(rounds_of(results))
     lines = [
         "# Benchmark results",
         "",
         "Written by `bench/run.py` from one run on the machine below; do not edit by hand.",
-        "Ratios are to bare vLLM measured in the same run with the same engine settings",
-        "(throughput: higher is better; latency: lower is better).",
+        *(
+            [
+                "Every serving cell was measured in rounds; each round launched every system",
+                "in turn, in an order rotated per round (see Run below), so slow drift of the",
+                "machine falls on all systems alike. A ratio A / B is the geometric mean over",
+                "rounds of A's value / B's value in the same round, with a 95% percentile-",
+                "bootstrap interval over rounds in brackets (throughput: higher is better;",
+                "latency and CPU per token: lower is better).",
+            ]
+            if "launches" in results
+            else [
+                "This run predates rounds: one launch and one measurement per system and cell,",
+                "so its ratios have no intervals and no cell can be called behind.",
+            ]
+        ),
         "",
-        "## Headline: ratios to bare vLLM (median over the sweep's cells)",
+        "## Validity",
         "",
-        *(headline(results) if results.get("serving") else ["Not run."]),
+        *(validity_lines(results) if serving or results.get("launches") else ["Not run."]),
+        "",
+        f"## Headline: median ratio over the sweep's cells ({n_rounds} rounds)",
+        "",
+        "Each entry: the median over cells of the ratio, and in how many cells the whole 95%",
+        "interval lies on the worse or the better side of 1.0 (the rest are within noise).",
+        "",
+        *(headline(results) if serving else ["Not run."]),
+        *(
+            ["", f"Only {n_rounds} round(s): intervals from so few rounds are indicative only."]
+            if serving and n_rounds < 5
+            else []
+        ),
         "",
         "## Run",
         "",
@@ -429,28 +749,70 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
             f"env `{json.dumps(meta.get('engine_env', {}))}`",
             f"- workload: prompt {w.get('prompt_tokens')} tokens, {w.get('max_tokens')} output "
             "tokens (ignore_eos), greedy, `/v1/completions` (gRPC: Complete / Generate), "
-            f"concurrency {w.get('concurrency')}; per cell at most {w.get('requests')} requests "
-            f"and {w.get('max_seconds')} s; {w.get('warmup')} warm-up requests per system first",
+            f"concurrency {w.get('concurrency')}; {w.get('rounds', 1)} round(s); per cell and "
+            f"round at most {w.get('requests')} requests and {w.get('max_seconds')} s; "
+            f"{w.get('warmup')} warm-up requests per target after each launch",
         ]
+    lines += rounds_lines(results)
     lines.append("")
-    serving = bool(results.get("serving"))
+    if serving:
+        lines += [
+            "## Where ours is behind a peer",
+            "",
+            "Cells where ours is worse than bare vLLM or Ray Serve LLM with the whole 95% interval",
+            "on the bad side of 1.0. The reason column is for a human who has looked into it.",
+            "",
+            *behind(results),
+            "",
+        ]
     for stream in (True, False):
-        lines += [f"## Serving: {'streaming' if stream else 'non-streaming'}", ""]
+        kind = "streaming" if stream else "non-streaming"
+        lines += [f"## Serving, {kind}: ratios [95% interval over rounds]", ""]
+        lines += ratio_table(results, stream) if serving else ["Not run."]
+        lines.append("")
+    lines += [
+        "## TTFT p50 at concurrency 1 (streaming)",
+        "",
+        *(ttft_c1_lines(results) if serving else ["Not run."]),
+        "",
+        "## gRPC / HTTP (ours, both measured on the same launch, cell by cell)",
+        "",
+        *(grpc_lines(results) if serving else ["Not run."]),
+        "",
+    ]
+    for stream in (True, False):
+        kind = "streaming" if stream else "non-streaming"
+        lines += [f"## Serving, {kind}: values (median over rounds)", ""]
         lines += sweep_table(results, stream) if serving else ["Not run."]
         lines.append("")
+    lines += [
+        "CPU s / 1k tok: CPU seconds (user + system, from the kernel's per-process accounting)",
+        "used by every process of the system's tree during the cell (engine, Ray daemons, proxies,",
+        "replicas; reaped children included) per 1,000 output tokens. Other tenants slow a system",
+        "down but add little to its CPU time, so this ratio is the steadier one on a shared",
+        "machine; it does count idle background work (Ray's daemons) during the cell.",
+        "",
+    ]
     lines += [f"Note: {note}" for note in results.get("notes", [])]
-    if serving:
-        lines += ["## Where ours is behind a peer", "", *behind(results), ""]
     for path in plot_files:
         lines += [f"![{path.stem}]({path.name})", ""]
     lines += [
+        "## Failed requests (every system)",
+        "",
+        *(failures_lines(results) if serving else ["Not run."]),
+        "",
         "## Cold start and memory",
         "",
-        "Cold start: from launching the command to the first streamed token of the first request.",
+        "Cold start: from launching the command to the first streamed token of the first request,",
+        "once per launch; the ratio to vLLM's bootstraps the launches of each side separately.",
         "RSS: the sum over the system's whole process tree (shared pages count once per",
         "process, so it overstates the true footprint equally for every system).",
         "",
-        *(systems_table(results) if results.get("systems") else ["Not run."]),
+        *(
+            systems_table(results)
+            if results.get("launches") or results.get("systems")
+            else ["Not run."]
+        ),
         "",
         "## Expert parallelism: EP=2 vs EP off (ours, same model and settings)",
         "",

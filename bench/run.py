@@ -4,7 +4,11 @@
 
 Sections, in order, one system at a time (only one engine may run on this machine):
   serving      bare vLLM (baseline), Ray Serve LLM, ours over HTTP and over gRPC: a
-               concurrency sweep, streaming and not; cold start and RSS of each
+               concurrency sweep, streaming and not, in rounds (5; --quick 2; --rounds N):
+               each round launches every system in turn, in an order rotated per round, and
+               runs all its cells; ratios get bootstrap intervals over rounds (stats.py).
+               Per cell: throughput, TTFT/E2E, failed requests with their errors, and the CPU
+               seconds of the system's whole process tree; per launch: cold start and RSS
   ep           ours with expert parallelism off (same model and settings) vs on
   autoscaling  ours with autoscaling 1..2: load step -> decision -> new replica serving
   operator     the operator against the Kubernetes API emulator: 1, 50, 200 MoEDeployments
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +31,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +45,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import report  # noqa: E402
-from loadgen import GrpcClient, OpenAIClient, Summary, Tokenizer, Workload, run_load  # noqa: E402
+import stats  # noqa: E402
+from loadgen import (  # noqa: E402
+    GrpcClient,
+    OpenAIClient,
+    Sender,
+    Tokenizer,
+    Workload,
+    run_load,
+)
 from systems import (  # noqa: E402
+    CpuMeter,
     EngineSettings,
     Ours,
     RayServeLLM,
@@ -58,6 +73,20 @@ def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def cell_requests(concurrency: int, quick: bool) -> int:
+    """Requests per cell and round: ~60 at concurrency 16 for a stable p50, fewer at 1."""
+    if quick:
+        return max(4, 2 * concurrency, min(3 * concurrency, 12))
+    return max(10, 4 * concurrency, min(6 * concurrency, 24))
+
+
+#: Rough costs on the 2-core machine (RESULTS.md of the single-round run, 2026-11): launch to
+#: first token plus teardown, and seconds per request at concurrency 1. Only for the estimate
+#: printed at the start; nothing is measured with them.
+START_COST_S = {"vllm": 50.0, "ray-serve-llm": 120.0, "ours": 75.0}
+SECONDS_PER_REQUEST_C1 = 0.9
+
+
 class Plan:
     """Sizes of the run (full or quick)."""
 
@@ -67,13 +96,17 @@ class Plan:
         concurrency: list[int] | None = None,
         prompt_tokens: int = 64,
         max_tokens: int = 32,
+        rounds: int | None = None,
     ) -> None:
         self.quick = quick
         self.concurrency = concurrency or [1, 4, 16]
-        # Per cell: at most this many requests (2 or 4 rounds of the concurrency, >= 8 or 16)
-        # and this many seconds.
-        self.requests = {c: max(8, 2 * c) if quick else max(16, 4 * c) for c in self.concurrency}
-        self.max_seconds = 10.0 if quick else 20.0
+        # Rounds of the serving sweep: every system measured once per round, in rotated order.
+        self.rounds = rounds if rounds is not None else (2 if quick else 5)
+        if self.rounds < 1:
+            raise ValueError("at least one round")
+        # Per cell and round: at most this many requests and this many seconds.
+        self.requests = {c: cell_requests(c, quick) for c in self.concurrency}
+        self.max_seconds = 10.0 if quick else 30.0
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.warmup = 4
@@ -82,18 +115,30 @@ class Plan:
         self.autoscale_steady_s = 15.0 if quick else 30.0
         self.autoscale_max_step_s = 150.0 if quick else 240.0
 
-    def workloads(self, stream: bool) -> list[Workload]:
-        return [
-            Workload(
-                concurrency=c,
-                max_requests=self.requests[c],
-                max_seconds=self.max_seconds,
-                prompt_words=self.prompt_tokens,
-                max_tokens=self.max_tokens,
-                stream=stream,
-            )
-            for c in self.concurrency
-        ]
+    def workload(self, concurrency: int, stream: bool) -> Workload:
+        return Workload(
+            concurrency=concurrency,
+            max_requests=self.requests[concurrency],
+            max_seconds=self.max_seconds,
+            prompt_words=self.prompt_tokens,
+            max_tokens=self.max_tokens,
+            stream=stream,
+        )
+
+    def cells(self, streams: tuple[bool, ...]) -> list[tuple[bool, int]]:
+        return [(stream, c) for stream in streams for c in self.concurrency]
+
+    def estimate_serving_s(self, targets: dict[str, int]) -> float:
+        """Rough duration of the serving rounds: starts plus load (see START_COST_S)."""
+        orders = stats.round_orders(list(targets), self.rounds)
+        starts = sum(START_COST_S.get(g.system, 75.0) for g in stats.launch_groups(orders))
+        per_cell = 0.0
+        for c in self.concurrency:
+            # Closed loop: a request takes ~0.9 s alone and the engine batches up to ~16.
+            speedup = min(c, 6.0)
+            per_cell += min(self.max_seconds, self.requests[c] * SECONDS_PER_REQUEST_C1 / speedup)
+        cells = 2 * per_cell  # streaming and not
+        return starts + self.rounds * cells * sum(targets.values())
 
 
 class Tok:
@@ -111,15 +156,63 @@ class Tok:
 
 # ---------------------------------------------------------------------------------- serving
 
+SenderFactory = Callable[[Workload], Sender]
+#: Opens a client for one target of a running system (closed with the stack); result: senders.
+Opener = Callable[[Running, contextlib.AsyncExitStack], Awaitable[SenderFactory]]
 
-async def sweep(
-    send_factory: Callable[[Workload], Any],
-    plan: Plan,
-    system: str,
-    streams: tuple[bool, ...] = (True, False),
-) -> list[dict[str, Any]]:
-    """Warm up, then every (stream, concurrency) cell; one row per cell."""
-    rows = []
+
+def http_opener(model: str, tok: Tokenizer | None) -> Opener:
+    async def open_(running: Running, stack: contextlib.AsyncExitStack) -> SenderFactory:
+        client = await stack.enter_async_context(
+            OpenAIClient(running.http_url, model, tokenizer=tok)
+        )
+        return client.sender
+
+    return open_
+
+
+def grpc_opener(model: str, app: str, tok: Tokenizer | None) -> Opener:
+    async def open_(running: Running, stack: contextlib.AsyncExitStack) -> SenderFactory:
+        from grpc_target import InferenceAdapter, stub_factory
+
+        assert running.grpc_address is not None
+        adapter = InferenceAdapter(model, application=app)
+        client = await stack.enter_async_context(
+            GrpcClient(running.grpc_address, stub_factory, adapter, tokenizer=tok)
+        )
+        return client.sender
+
+    return open_
+
+
+@dataclass
+class Step:
+    """One system to launch, and the targets (result names) measured on each launch of it."""
+
+    system: System
+    targets: dict[str, Opener]
+    streams: tuple[bool, ...] = (True, False)
+
+
+async def measure_cell(
+    send_factory: SenderFactory, workload: Workload, cpu: CpuMeter
+) -> dict[str, Any]:
+    """One cell: the load, its summary, every failure, and the tree's CPU seconds meanwhile."""
+    before = cpu.sample()
+    result = await run_load(send_factory(workload), workload)
+    cpu_s = cpu.sample() - before
+    tokens = result.output_tokens()
+    return {
+        "summary": result.summary().as_dict(),
+        "output_tokens": tokens,
+        "cpu_s": cpu_s,
+        "cpu_s_per_1k_tokens": cpu_s / tokens * 1000 if tokens else None,
+        "failures": result.failures(),
+    }
+
+
+async def warm_up(running: Running, step: Step, plan: Plan) -> None:
+    """A few requests through every target of a fresh launch (not measured)."""
     warm = Workload(
         concurrency=plan.warmup,
         max_requests=plan.warmup,
@@ -127,48 +220,49 @@ async def sweep(
         prompt_words=plan.prompt_tokens,
         max_tokens=plan.max_tokens,
     )
-    await run_load(send_factory(warm), warm)
-    for stream in streams:
-        for workload in plan.workloads(stream):
-            result = await run_load(send_factory(workload), workload)
-            s: Summary = result.summary()
-            say(
-                f"  {system:14s} stream={stream!s:5s} c={workload.concurrency:<3d} "
-                f"ok {s.ok}/{s.sent}  {s.output_tokens_per_s:7.1f} tok/s  "
-                f"e2e p99 {s.e2e_p99_s or 0:.2f}s"
-            )
-            rows.append(
-                {
-                    "system": system,
-                    "stream": stream,
-                    "concurrency": workload.concurrency,
-                    "summary": s.as_dict(),
-                }
-            )
+    async with contextlib.AsyncExitStack() as stack:
+        for opener in step.targets.values():
+            send_factory = await opener(running, stack)
+            await run_load(send_factory(warm), warm)
+
+
+async def visit(
+    running: Running, step: Step, plan: Plan, round_no: int, launch_no: int, section: str
+) -> list[dict[str, Any]]:
+    """One system's turn in one round: every cell, every target, in rotated orders.
+
+    The cells start at a different one each round, and a system with several targets (ours:
+    HTTP and gRPC) alternates which goes first, cell by cell, so neither always runs first.
+    """
+    rows = []
+    cpu = running.memory.cpu
+    async with contextlib.AsyncExitStack() as stack:
+        senders = {name: await opener(running, stack) for name, opener in step.targets.items()}
+        cells = stats.rotate(plan.cells(step.streams), round_no)
+        for i, (stream, conc) in enumerate(cells):
+            workload = plan.workload(conc, stream)
+            for name in stats.rotate(list(senders), round_no + i):
+                measured = await measure_cell(senders[name], workload, cpu)
+                s = measured["summary"]
+                per_k = measured["cpu_s_per_1k_tokens"]
+                say(
+                    f"  r{round_no} {name:14s} stream={stream!s:5s} c={conc:<3d} "
+                    f"ok {s['ok']}/{s['sent']}  {s['output_tokens_per_s']:7.1f} tok/s  "
+                    f"e2e p50 {s['e2e_p50_s'] or 0:.2f}s  "
+                    f"cpu {'-' if per_k is None else f'{per_k:.1f}'} s/1k tok"
+                )
+                rows.append(
+                    {
+                        "section": section,
+                        "system": name,
+                        "stream": stream,
+                        "concurrency": conc,
+                        "round": round_no,
+                        "launch": launch_no,
+                        **measured,
+                    }
+                )
     return rows
-
-
-async def http_sweep(
-    running: Running,
-    model: str,
-    plan: Plan,
-    tok: Tokenizer,
-    name: str,
-    streams: tuple[bool, ...] = (True, False),
-) -> list[dict[str, Any]]:
-    async with OpenAIClient(running.http_url, model, tokenizer=tok) as client:
-        return await sweep(client.sender, plan, name, streams)
-
-
-async def grpc_sweep(
-    running: Running, model: str, app: str, plan: Plan, tok: Tokenizer
-) -> list[dict[str, Any]]:
-    from grpc_target import InferenceAdapter, stub_factory
-
-    assert running.grpc_address is not None
-    adapter = InferenceAdapter(model, application=app)
-    async with GrpcClient(running.grpc_address, stub_factory, adapter, tokenizer=tok) as client:
-        return await sweep(client.sender, plan, "ours-grpc")
 
 
 def memory_facts(running: Running, load_started: float) -> dict[str, Any]:
@@ -185,31 +279,79 @@ def memory_facts(running: Running, load_started: float) -> dict[str, Any]:
     }
 
 
-def serve_system(
-    system: System,
+def run_launch(
+    step: Step,
+    rounds: tuple[int, ...],
+    plan: Plan,
     work: Path,
     results: dict[str, Any],
-    run_sweeps: Callable[[Running], list[list[dict[str, Any]]]],
-    names: list[str],
+    section: str,
 ) -> None:
-    """Launch one system, sweep it, record its facts; failures are recorded, not raised."""
-    say(f"launching {system.name}")
-    for name in names:
-        results["systems"][name] = {"error": None}
+    """Launch one system, warm it up, run its visits in `rounds`, record the launch's facts.
+
+    Failures are recorded on the launch (rows of the rounds done so far are kept), then raised.
+    """
+    system = step.system
+    launch_no = len(results["launches"])
+    record: dict[str, Any] = {
+        "launch": launch_no,
+        "section": section,
+        "system": system.name,
+        "targets": list(step.targets),
+        "rounds": list(rounds),
+        "rounds_done": [],
+        "error": None,
+    }
+    results["launches"].append(record)
+    say(f"launch {launch_no}: {system.name} for round(s) {', '.join(str(r) for r in rounds)}")
     try:
-        with system.launch(work) as running:
+        with system.launch(work / f"launch-{launch_no:02d}-{system.name}") as running:
             say(f"{system.name} ready; cold start {running.cold_start_s:.1f}s")
+            record["cold_start_s"] = running.cold_start_s
             running.memory.now()
             load_started = running.memory.elapsed()
-            for name, rows in zip(names, run_sweeps(running), strict=True):
-                results["serving"].extend(rows)
-                results["systems"][name] = memory_facts(running, load_started) | {"error": None}
-            results["system_order"].extend(n for n in names if n not in results["system_order"])
+            asyncio.run(warm_up(running, step, plan))
+            for r in rounds:
+                results["serving"].extend(
+                    asyncio.run(visit(running, step, plan, r, launch_no, section))
+                )
+                record["rounds_done"].append(r)
+            record.update(memory_facts(running, load_started))
+        record["teardown"] = running.facts.get("teardown", [])
     except Exception as err:
         say(f"{system.name} failed: {err}")
-        for name in names:
-            results["systems"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         raise
+
+
+def run_rounds(
+    steps: dict[str, Step],
+    orders: list[list[str]],
+    plan: Plan,
+    work: Path,
+    results: dict[str, Any],
+    section: str,
+) -> list[str]:
+    """Every round's visits in order; a system continuing into the next round stays up.
+
+    Returns the failures (a failed launch loses its rounds, the others still run).
+    """
+    for step in steps.values():
+        for name in step.targets:
+            if name not in results["system_order"]:
+                results["system_order"].append(name)
+    groups = stats.launch_groups(orders)
+    results.setdefault("rounds", {})[section] = {
+        "orders": [[steps[key].system.name for key in order] for order in orders],
+        "launches": [[steps[g.system].system.name, list(g.rounds)] for g in groups],
+    }
+    failures = []
+    for group in groups:
+        try:
+            run_launch(steps[group.system], group.rounds, plan, work, results, section)
+        except Exception as err:
+            failures.append(f"{steps[group.system].system.name}: {type(err).__name__}: {err}")
+    return failures
 
 
 def run_serving(
@@ -221,83 +363,48 @@ def run_serving(
     section: str,
 ) -> None:
     model = settings.served_name
-    failures = []
+    http = http_opener(model, tok)
 
-    # The EP comparison streams only (3 cells), to keep the whole run near 20 minutes.
-    streams = (True, False) if section == "serving" else (True,)
-
-    def http_only(name: str) -> Callable[[Running], list[list[dict[str, Any]]]]:
-        return lambda running: [asyncio.run(http_sweep(running, model, plan, tok, name, streams))]
-
-    def ours_both(running: Running) -> list[list[dict[str, Any]]]:
-        return [
-            asyncio.run(http_sweep(running, model, plan, tok, "ours-http")),
-            asyncio.run(grpc_sweep(running, model, "bench", plan, tok)),
-        ]
+    def ours(name: str, s: EngineSettings, targets: dict[str, Opener], **kw: Any) -> Step:
+        system = Ours(name, s, PORTS["ours"], grpc_port=PORTS["ours-grpc"], deployment_name="bench")
+        return Step(system, targets, **kw)
 
     if section == "serving":
-        steps: list[tuple[System, Callable[[Running], list[list[dict[str, Any]]]], list[str]]] = [
-            (VllmServer("vllm", settings, PORTS["vllm"]), http_only("vllm"), ["vllm"]),
-            (
+        steps = {
+            "vllm": Step(VllmServer("vllm", settings, PORTS["vllm"]), {"vllm": http}),
+            "ray-serve-llm": Step(
                 RayServeLLM("ray-serve-llm", settings, PORTS["ray-serve-llm"]),
-                http_only("ray-serve-llm"),
-                ["ray-serve-llm"],
+                {"ray-serve-llm": http},
             ),
-            (
-                Ours(
-                    "ours",
-                    settings,
-                    PORTS["ours"],
-                    grpc_port=PORTS["ours-grpc"],
-                    deployment_name="bench",
-                ),
-                ours_both,
-                ["ours-http", "ours-grpc"],
+            "ours": ours(
+                "ours",
+                settings,
+                {"ours-http": http, "ours-grpc": grpc_opener(model, "bench", tok)},
             ),
-        ]
-    else:  # ep: the same deployment with the experts TP-sharded instead of EP-sharded
+        }
+        rounds = plan.rounds
+    else:  # ep: the same deployment with the experts TP-sharded instead of EP-sharded; 1 round
         no_ep = EngineSettings(**{**settings.__dict__, "expert_parallel": False})
-        steps = []
+        steps = {}
         if not any(row["system"] == "ours-http" for row in results["serving"]):
             # No serving section in this run: measure EP on here, for the comparison.
-            steps.append(
-                (
-                    Ours(
-                        "ours",
-                        settings,
-                        PORTS["ours"],
-                        grpc_port=PORTS["ours-grpc"],
-                        deployment_name="bench",
-                    ),
-                    http_only("ours-http"),
-                    ["ours-http"],
-                )
-            )
-        steps += [
-            (
-                Ours(
-                    "ours-ep-off",
-                    no_ep,
-                    PORTS["ours"],
-                    grpc_port=PORTS["ours-grpc"],
-                    deployment_name="bench",
-                ),
-                http_only("ours-ep-off"),
-                ["ours-ep-off"],
-            ),
-        ]
+            steps["ours"] = ours("ours", settings, {"ours-http": http}, streams=(True,))
+        steps["ours-ep-off"] = ours("ours-ep-off", no_ep, {"ours-ep-off": http}, streams=(True,))
+        rounds = 1
     if settings.device == "gpu":
         # `moectl up` plans CPU ranks (local runs); on GPUs ours runs through the operator.
-        steps = [step for step in steps if not isinstance(step[0], Ours)]
+        steps = {k: v for k, v in steps.items() if not isinstance(v.system, Ours)}
         results.setdefault("notes", []).append(
             "GPU variant: ours is not launched (moectl up plans CPU ranks); on GPUs, deploy a "
             "MoEDeployment with the operator and point bench/loadgen.py at its Service."
         )
-    for system, sweeps, names in steps:
-        try:
-            serve_system(system, work, results, sweeps, names)
-        except Exception as err:
-            failures.append(f"{system.name}: {type(err).__name__}: {str(err)[:200]}")
+    if not steps:
+        return
+    if section == "serving":
+        estimate = plan.estimate_serving_s({k: len(v.targets) for k, v in steps.items()})
+        say(f"{rounds} round(s); estimated {estimate / 60:.0f} min for the serving rounds")
+    orders = stats.round_orders(list(steps), rounds)
+    failures = run_rounds(steps, orders, plan, work, results, section)
     if failures:
         raise RuntimeError("; ".join(failures))
 
@@ -385,6 +492,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and objects")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of the serving sweep (default 5, --quick 2); intervals need >= 2",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}",
@@ -422,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if not args.concurrency_list or min(args.concurrency_list) < 1:
         parser.error("--concurrency needs positive integers")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds needs a positive integer")
     if args.only:
         wanted = [s.strip() for s in args.only.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in SECTIONS]
@@ -478,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         and not args.quick
         and args.device == "cpu"
         and args.model is None
+        and args.rounds in (None, 5)
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = args.out_dir or (
@@ -487,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
 
-    plan = Plan(args.quick, args.concurrency_list, args.prompt_tokens, args.max_tokens)
+    plan = Plan(args.quick, args.concurrency_list, args.prompt_tokens, args.max_tokens, args.rounds)
     started = time.monotonic()
     results: dict[str, Any] = {
         "meta": {
@@ -499,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "system_order": [],
         "systems": {},
+        "launches": [],
+        "rounds": {},
         "serving": [],
         "operator": [],
         "sections": {},
@@ -551,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_tokens": plan.max_tokens,
                     "concurrency": plan.concurrency,
                     "requests": plan.requests,
+                    "rounds": plan.rounds,
                     "max_seconds": plan.max_seconds,
                     "warmup": plan.warmup,
                 },

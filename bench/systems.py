@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,15 @@ class ProcessTree:
             self.seen.setdefault(pid, proc)
         return list(procs.values())
 
+    def pids(self) -> list[int]:
+        """Live members, and members seen before that still run (re-parented daemons)."""
+        pids = {proc.pid for proc in self.live()}
+        for proc in list(self.seen.values()):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if proc.pid not in pids and proc.is_running():  # is_running: not a reused pid
+                    pids.add(proc.pid)
+        return sorted(pids)
+
     def sample(self, t_s: float) -> MemorySample:
         total = 0
         roles: dict[str, int] = {}
@@ -254,13 +263,111 @@ class ProcessTree:
         return out
 
 
+# ------------------------------------------------------------------------------- CPU time
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class ProcCpu:
+    """One process's CPU accounting from /proc/<pid>/stat, in seconds."""
+
+    pid: int
+    ppid: int
+    start: int  # start time in clock ticks after boot: tells a reused pid apart
+    own_s: float  # utime + stime
+    children_s: float  # cutime + cstime: children it has reaped (waited for)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start)
+
+    @property
+    def total_s(self) -> float:
+        return self.own_s + self.children_s
+
+
+def read_proc_cpu(pid: int) -> ProcCpu | None:
+    """The kernel's per-process CPU accounting of `pid`, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split at the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return ProcCpu(
+        pid=pid,
+        ppid=int(fields[1]),
+        start=int(fields[19]),
+        own_s=(utime + stime) / _TICKS,
+        children_s=(cutime + cstime) / _TICKS,
+    )
+
+
+class CpuMeter:
+    """CPU seconds used by every process of a tree, from the kernel's per-process accounting.
+
+    The sum over the tree's live members of utime+stime+cutime+cstime stays continuous when a
+    member exits and another member reaps it (its time moves into the parent's cutime/cstime,
+    children it had reaped included). A member reaped outside the tree (re-parented to init or a
+    subreaper, or the root, reaped by this harness) would take its time away: when a member
+    vanishes and its parent did not absorb at least its last-seen time, that last-seen time is
+    kept. What such a process used after its last sample is missed, so the meter is sampled every
+    second by the monitor and at the start and end of every measured cell. `total_s()` is
+    cumulative (since each process started); a cell's CPU is the difference of two samples.
+    """
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+        self._lock = threading.Lock()
+        self._last: dict[tuple[int, int], ProcCpu] = {}
+        self._gone: dict[tuple[int, int], float] = {}  # carried time of each vanished member
+        self._total = 0.0
+
+    def sample(self) -> float:
+        with self._lock:
+            current: dict[tuple[int, int], ProcCpu] = {}
+            for pid in set(self._pids()):
+                info = read_proc_cpu(pid)
+                if info is not None:
+                    current[info.key] = info
+            # A member missed by one listing (a transient error) and seen again is not carried.
+            for key in current:
+                self._gone.pop(key, None)
+            by_pid = {info.pid: info for info in current.values()}
+            # How much each live member's reaped-children time grew since the last sample.
+            absorbed = {
+                key: info.children_s - (self._last[key].children_s if key in self._last else 0.0)
+                for key, info in current.items()
+            }
+            for key, old in self._last.items():
+                if key in current:
+                    continue
+                parent = by_pid.get(old.ppid)
+                if parent is not None and absorbed[parent.key] >= old.total_s - 1e-9:
+                    absorbed[parent.key] -= old.total_s  # reaped inside the tree: counted there
+                else:
+                    self._gone[key] = old.total_s  # reaped outside: keep what it had used
+            self._last = current
+            carried = sum(self._gone.values())
+            self._total = carried + sum(info.total_s for info in current.values())
+            return self._total
+
+    def total_s(self) -> float:
+        """The last sampled total (no new reading)."""
+        with self._lock:
+            return self._total
+
+
 class MemoryMonitor:
-    """Samples the RSS of a process tree in a background thread."""
+    """Samples the RSS (and the CPU meter) of a process tree in a background thread."""
 
     def __init__(self, tree: ProcessTree, interval_s: float = 1.0) -> None:
         self.tree = tree
         self.interval_s = interval_s
         self.samples: list[MemorySample] = []
+        self.cpu = CpuMeter(tree.pids)
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -275,6 +382,7 @@ class MemoryMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append(self.tree.sample(time.monotonic() - self._t0))
+            self.cpu.sample()
             self._stop.wait(self.interval_s)
 
     def peak(self, since_s: float = 0.0) -> MemorySample | None:
