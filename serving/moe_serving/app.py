@@ -286,18 +286,10 @@ class GrpcAbort(Exception):
     """Raised after setting the gRPC status on the context; Ray Serve's proxy sends that status."""
 
 
-def _abort_grpc(
-    grpc_context: Any, code: Any, message: str, retry_after_s: int | None = None
-) -> None:
+def _abort_grpc(grpc_context: Any, code: Any, message: str) -> None:
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(message)
-        if retry_after_s:
-            # gRPC's retry pushback (grpc/proposal A6-client-retries.md): a client with a
-            # retry policy waits this long before its next attempt, like HTTP's Retry-After.
-            grpc_context.set_trailing_metadata(
-                [("grpc-retry-pushback-ms", str(int(retry_after_s * 1000)))]
-            )
     raise GrpcAbort(f"{code.name}: {message}")
 
 
@@ -629,12 +621,7 @@ class Ingress:
                     if not head["stream"]:  # refused before streaming: an error body
                         payload = await events.__anext__()
                         refusal = grpc_api.error_message(payload) or "request failed"
-                        raise _ClientError(
-                            head["status"],
-                            refusal,
-                            retry_after_s=head.get("retry_after_s"),
-                            reason=head["reason"],
-                        )
+                        raise _ClientError(head["status"], refusal, reason=head["reason"])
                     async for chunk in events:
                         for payload in grpc_api.parse_sse(chunk):
                             failure = grpc_api.error_message(payload)
@@ -648,9 +635,7 @@ class Ingress:
                 raise _replica_lost(exc) from exc
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
-            _abort_grpc(
-                grpc_context, _grpc_code(exc.status, exc.reason), str(exc), exc.retry_after_s
-            )
+            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
         finally:
             if gen is not None:
                 gen.cancel()
@@ -803,18 +788,11 @@ class Ingress:
                     gen.cancel()
             if head["status"] != 200:
                 message = grpc_api.error_message(payload) or "request failed"
-                raise _ClientError(
-                    head["status"],
-                    message,
-                    retry_after_s=head.get("retry_after_s"),
-                    reason=head["reason"],
-                )
+                raise _ClientError(head["status"], message, reason=head["reason"])
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
             self.metrics.observe("grpc", method, code, started, span)
-            _abort_grpc(
-                grpc_context, _grpc_code(exc.status, exc.reason), str(exc), exc.retry_after_s
-            )
+            _abort_grpc(grpc_context, _grpc_code(exc.status, exc.reason), str(exc))
         self.metrics.observe("grpc", method, "OK", started, span)
         return to_response(payload)
 

@@ -169,21 +169,21 @@ class EngineServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine_config = self.config.engine
-        args = build_namespace(engine_config)
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        def configure(engine_config: Any) -> tuple[Any, Any]:
+            """vLLM's namespace and engine config; tracing is set on the namespace first, as
+            the engine config reads it (vLLM's llm_request spans)."""
+            args = build_namespace(engine_config)
+            self.observer.engine_args(args)
+            engine_args = AsyncEngineArgs.from_cli_args(args)
+            usage = UsageContext.OPENAI_API_SERVER
+            return args, engine_args.create_engine_config(usage_context=usage)
+
+        args, vllm_config = configure(self.config.engine)
         # vLLM refuses to start when a parser does not fit the tokenizer: serve without it.
         support = self.check_parsers(vllm_config.model_config)
         if support.unavailable:
-            engine_config = support.engine_args(engine_config)
-            args = build_namespace(engine_config)
-            engine_args = AsyncEngineArgs.from_cli_args(args)
-            vllm_config = engine_args.create_engine_config(
-                usage_context=UsageContext.OPENAI_API_SERVER
-            )
+            args, vllm_config = configure(support.engine_args(self.config.engine))
         self.tool_call_parser = args.tool_call_parser
-        self.observer.engine_args(args)
         self.observer.start()  # before vLLM: its spans use this process's tracer provider
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             # Ranks go into this replica's placement group (its bundles), as Ray Serve LLM does.

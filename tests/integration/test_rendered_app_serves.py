@@ -205,7 +205,14 @@ async def test_operator_reads_the_live_state_of_the_served_app(
     )
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="none")
     try:
+        # A rate needs two samples of the same reporting replicas: start once the replica's
+        # first report (every REPORT_INTERVAL_S) is on the board.
+        deadline = time.monotonic() + 60
         await poller.round()
+        while poller.samples[("default", "tiny")].reporting_replicas < 1:
+            assert time.monotonic() < deadline, poller.samples[("default", "tiny")]
+            await asyncio.sleep(live_state.REPORT_INTERVAL_S)
+            await poller.round()
         first = poller.status[("default", "tiny")]
         assert first.serving_replicas == 1 and first.desired_replicas == 1
         assert first.output_tokens_per_second is None  # one sample: no rate yet
