@@ -198,11 +198,9 @@ class _EngineAvailability:
 
     def _read(self, app_name: str) -> bool:
         details = live_state.serve_details()
-        if details is None:
-            return False
-        running, _ = live_state.replica_counts(details, app_name, ENGINE_DEPLOYMENT, self.gang_size)
-        status = live_state.deployment_status(details, app_name, ENGINE_DEPLOYMENT)
-        return running == 0 and status in ("UNHEALTHY", "DEPLOY_FAILED")
+        return details is not None and live_state.none_can_serve(
+            details, app_name, ENGINE_DEPLOYMENT, self.gang_size
+        )
 
     async def none_can_serve(self) -> bool:
         now = time.monotonic()
