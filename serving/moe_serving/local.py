@@ -36,7 +36,10 @@ def serve_options(
     its own per-request deadline (`AppConfig.request_timeout_s`).
     """
     http: dict[str, Any] = {"host": host, "port": http_port}
-    grpc: dict[str, Any] = {"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS}
+    grpc: dict[str, Any] = {
+        "port": grpc_port,
+        "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+    }
     if request_timeout_s is not None:
         http["request_timeout_s"] = request_timeout_s
         grpc["request_timeout_s"] = request_timeout_s
