@@ -242,15 +242,25 @@ def test_live_cost_per_million_tokens_metric(served: Served) -> None:
     first = httpx.get(f"{served.http}/metrics", timeout=30).text  # the window starts here
     assert _series(first, "moe_app_generated_tokens_total") == base
     assert _series(first, "moe_app_hourly_cost_usd") == HOURLY_USD  # one running replica
-    for _ in range(2):
-        served.client().completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=16, extra_body={"ignore_eos": True}
-        )
-    wait_live(served, lambda load: load["generated_tokens_total"] == base + 32)
-    second = httpx.get(f"{served.http}/metrics", timeout=30).text
-    assert _series(second, "moe_app_generated_tokens_total") == base + 32
-    rate = _series(second, "moe_app_output_tokens_per_second")
-    cost = _series(second, "moe_cost_per_million_output_tokens")
+    # A rate needs two comparable reads (same reporting replicas, at least MIN_GAP_S apart); a
+    # read that is not comparable gives none and starts a new window: generate, read, repeat.
+    rate = cost = None
+    produced = 0
+    for _ in range(5):
+        started = time.monotonic()
+        for _ in range(2):
+            served.client().completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=16, extra_body={"ignore_eos": True}
+            )
+        produced += 32
+        wait_live(served, lambda load, n=produced: load["generated_tokens_total"] == base + n)
+        time.sleep(max(0.0, live_state.RateWindow.MIN_GAP_S - (time.monotonic() - started)))
+        second = httpx.get(f"{served.http}/metrics", timeout=30).text
+        assert _series(second, "moe_app_generated_tokens_total") == base + produced
+        rate = _series(second, "moe_app_output_tokens_per_second")
+        cost = _series(second, "moe_cost_per_million_output_tokens")
+        if rate is not None:
+            break
     assert rate is not None and rate > 0, second[-2000:]
     assert cost == pytest.approx(HOURLY_USD / (rate * 3600) * 1e6, rel=1e-6)
 
