@@ -51,6 +51,7 @@ from moe_operator.api import (
     MoEDeploymentSpec,
     ObjectMeta,
 )
+from moe_operator.children import CHILDREN, MANAGED_SELECTOR, RAY_SERVICE
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
 from moe_operator.render import (
@@ -70,15 +71,6 @@ log = logging.getLogger("moe_operator")
 #: Annotation on every child: hash of the rendered object, so a removed field is noticed.
 HASH_ANNOTATION = f"{GROUP}/applied-hash"
 OWNER = kube.Resource(GROUP, VERSION, PLURAL)
-MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-
-#: The children kinds, with the id of the kopf index that caches them.
-CHILD_INDEXES: dict[tuple[str, str], str] = {
-    ("ray.io/v1", "RayService"): "rayservice_children",
-    ("v1", "Service"): "service_children",
-    ("policy/v1", "PodDisruptionBudget"): "pdb_children",
-    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicy_children",
-}
 OWNER_INDEX = "moedeployment_owners"
 
 
@@ -123,7 +115,8 @@ class Runtime:
 
     def remember(self, kwargs: Mapping[str, Any]) -> None:
         """Keep the kopf indexes (the same objects for the whole run) for the work queue."""
-        found = {k: kwargs[k] for k in (OWNER_INDEX, *CHILD_INDEXES.values()) if k in kwargs}
+        ids = (OWNER_INDEX, *(c.index_id for c in CHILDREN))
+        found = {k: kwargs[k] for k in ids if k in kwargs}
         if found:
             self.indexes = found
 
@@ -188,13 +181,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -
     settings.networking.connect_timeout = cfg.connect_timeout
     settings.networking.request_timeout = cfg.request_timeout
     # Only our own children are watched (server-side), never every Service in the cluster.
-    for selector in (
-        ("ray.io", "rayservices"),
-        ("v1", "services"),
-        ("policy", "poddisruptionbudgets"),
-        ("networking.k8s.io", "networkpolicies"),
-    ):
-        settings.watching.label_selectors[selector] = MANAGED_SELECTOR
+    for child in CHILDREN:
+        settings.watching.label_selectors[child.selector] = MANAGED_SELECTOR
     if settings.peering.name == "default":
         settings.peering.name = "moe-operator"  # `--peering=<name>` overrides it
     if cfg.webhook_enabled:
@@ -229,7 +217,7 @@ def _live_targets(rt: Runtime) -> list[live_poller.Target]:
         if not found:
             continue
         owner = found[0]
-        ray_services = _lookup(rt.indexes.get(CHILD_INDEXES[("ray.io/v1", "RayService")]), key)
+        ray_services = _lookup(rt.indexes.get(RAY_SERVICE.index_id), key)
         ready = [rs for rs in ray_services if live_poller.is_ready(rs)]
         if not ready:
             continue
@@ -284,16 +272,8 @@ _CHILD_FILTER: dict[str, Any] = {
     LABEL_MANAGED_BY: MANAGED_BY,
     LABEL_DEPLOYMENT: kopf.PRESENT,
 }
-kopf.index("ray.io", "v1", "rayservices", id="rayservice_children", labels=_CHILD_FILTER)(
-    _index_child
-)
-kopf.index("v1", "services", id="service_children", labels=_CHILD_FILTER)(_index_child)
-kopf.index("policy", "v1", "poddisruptionbudgets", id="pdb_children", labels=_CHILD_FILTER)(
-    _index_child
-)
-kopf.index(
-    "networking.k8s.io", "v1", "networkpolicies", id="networkpolicy_children", labels=_CHILD_FILTER
-)(_index_child)
+for _child in CHILDREN:
+    kopf.index(*_child.selector, id=_child.index_id, labels=_CHILD_FILTER)(_index_child)
 
 
 def _plain(body: Mapping[str, Any]) -> Obj:
@@ -357,17 +337,8 @@ async def _on_child_event(**kwargs: Any) -> None:
         kick(rt, (kwargs["namespace"], owner))
 
 
-for _group, _version, _plural, _id in (
-    ("ray.io", "v1", "rayservices", "rayservice_event"),
-    ("", "v1", "services", "service_event"),
-    ("policy", "v1", "poddisruptionbudgets", "pdb_event"),
-    ("networking.k8s.io", "v1", "networkpolicies", "networkpolicy_event"),
-):
-    kopf.on.event(
-        *((_group, _version, _plural) if _group else (_version, _plural)),
-        id=_id,
-        labels=_CHILD_FILTER,
-    )(_on_child_event)
+for _child in CHILDREN:
+    kopf.on.event(*_child.selector, id=_child.event_id, labels=_CHILD_FILTER)(_on_child_event)
 
 
 def kick(rt: Runtime, key: OwnerKey) -> None:
@@ -573,11 +544,11 @@ def rejected(obj: Obj, err: kube.ApiError) -> status_mod.Problem:
 def _live_children(rt: Runtime, key: OwnerKey, uid: str) -> dict[tuple[str, str, str], Obj]:
     """Cached children of this owner (only those it controls, by uid)."""
     out: dict[tuple[str, str, str], Obj] = {}
-    for (api_version, kind), index_id in CHILD_INDEXES.items():
-        for obj in _lookup(rt.indexes.get(index_id), key):
+    for child in CHILDREN:
+        for obj in _lookup(rt.indexes.get(child.index_id), key):
             refs = obj.get("metadata", {}).get("ownerReferences") or []
             if any(r.get("uid") == uid and r.get("controller") for r in refs):
-                out[(api_version, kind, obj["metadata"]["name"])] = obj
+                out[(*child.key, obj["metadata"]["name"])] = obj
     return out
 
 
