@@ -1,5 +1,8 @@
 """The MoEDeployment API (serving.moeoperator.io/v1alpha1): the single source of truth.
 
+Over 450 lines on purpose: it is the one schema (the CRD is generated from it), and each field's
+type, bounds, default and description stand together; split, a reader would chase one field.
+
 The CRD's OpenAPI schema is generated from these models (`moe_operator.crdgen`), and the
 operator, the CLI and the admission webhook validate with them. Field names are camelCase on the
 wire (Kubernetes convention) and snake_case in Python. Extra keys are rejected everywhere, so a typo
