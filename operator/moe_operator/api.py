@@ -1,5 +1,8 @@
 """The MoEDeployment API (serving.moeoperator.io/v1alpha1): the single source of truth.
 
+Over 450 lines on purpose: it is the one schema (the CRD is generated from it), and each field's
+type, bounds, default and description stand together; split, a reader would chase one field.
+
 The CRD's OpenAPI schema is generated from these models (`moe_operator.crdgen`), and the
 operator, the CLI and the admission webhook validate with them. Field names are camelCase on the
 wire (Kubernetes convention) and snake_case in Python. Extra keys are rejected everywhere, so a typo
@@ -9,7 +12,6 @@ in a manifest is an error that names the field instead of a silently ignored set
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -23,6 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from moe_operator import cel
 from moe_operator.quantity import QUANTITY_MESSAGE, cel_rule, is_quantity
 
 GROUP = "serving.moeoperator.io"
@@ -46,17 +49,20 @@ _LOCAL_SOURCE = re.compile(r"^(/|\./|\.\./|file://|tiny://)\S*$")
 
 @dataclass(frozen=True)
 class Rule:
-    """One cross-field validation rule, declared once for the CRD and for Python.
+    """One cross-field validation rule, written once, in CEL, with the message saying the fix.
 
     `cel` goes into the CRD's `x-kubernetes-validations` (the API server evaluates it on the
-    wire object, camelCase, defaults applied); `holds` is the same predicate on the validated
-    model, run by `ApiModel`'s validator; both report `message`. tests/unit/test_cel.py
-    evaluates the CEL on the examples and on generated specs and asserts both sides agree.
+    wire object, camelCase, defaults applied); `ApiModel`'s validator evaluates the same
+    expression on the validated model's wire form (moe_operator.cel, cel-python); both report
+    `message`. tests/unit/test_cel.py checks the verdicts on the examples and generated specs.
     """
 
     cel: str
     message: str
-    holds: Callable[[Any], bool]
+
+    def holds(self, wire: dict[str, Any]) -> bool:
+        """Whether the rule holds for a model's wire form (`ApiModel.to_wire`)."""
+        return cel.holds(self.cel, wire)
 
 
 def _validations(*rules: Rule) -> dict[str, Any]:
@@ -117,9 +123,11 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> Self:
-        for rule in self.RULES:
-            if not rule.holds(self):
-                raise ValueError(rule.message)
+        if self.RULES:
+            wire = self.to_wire()
+            for rule in self.RULES:
+                if not rule.holds(wire):
+                    raise ValueError(rule.message)
         return self
 
 
@@ -306,12 +314,10 @@ class AutoscalingSpec(ApiModel):
         Rule(
             "self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas: lower minReplicas or raise maxReplicas",
-            lambda m: m.min_replicas <= m.max_replicas,
         ),
         Rule(
             "self.minReplicas >= 1 || self.scaleToZero",
             "minReplicas 0 needs scaleToZero: true (or set minReplicas >= 1)",
-            lambda m: m.min_replicas >= 1 or m.scale_to_zero,
         ),
     )
     model_config = ConfigDict(json_schema_extra=_validations(*RULES))
@@ -387,7 +393,6 @@ class ServingSpec(ApiModel):
         Rule(
             "self.httpPort != self.grpcPort",
             "httpPort and grpcPort must differ",
-            lambda m: m.http_port != m.grpc_port,
         ),
     )
     model_config = ConfigDict(json_schema_extra=_validations(*RULES))
@@ -447,7 +452,6 @@ class TracingSpec(ApiModel):
         Rule(
             "!self.enabled || has(self.endpoint)",
             "tracing.enabled needs tracing.endpoint (an OTLP collector URL)",
-            lambda m: not m.enabled or m.endpoint is not None,
         ),
     )
     model_config = ConfigDict(json_schema_extra=_validations(*RULES))
@@ -535,30 +539,17 @@ class MoEDeploymentSpec(ApiModel):
         Rule(
             "!has(self.replicas) || self.replicas > 0 || self.autoscaling.scaleToZero",
             "replicas 0 needs autoscaling.scaleToZero: true",
-            lambda m: m.replicas is None or m.replicas > 0 or m.autoscaling.scale_to_zero,
         ),
         Rule(
             "self.upgradeStrategy != 'NewClusterWithIncrementalUpgrade'"
             " || (!has(self.replicas) && self.autoscaling.enabled"
             " && self.autoscaling.minReplicas < self.autoscaling.maxReplicas)",
             INCREMENTAL_NEEDS_AUTOSCALER,
-            lambda m: (
-                m.upgrade_strategy != "NewClusterWithIncrementalUpgrade"
-                or (
-                    m.replicas is None
-                    and m.autoscaling.enabled
-                    and m.autoscaling.min_replicas < m.autoscaling.max_replicas
-                )
-            ),
         ),
         Rule(
             "self.upgradeStrategy != 'NewClusterWithIncrementalUpgrade'"
             " || has(self.gatewayClassName)",
             INCREMENTAL_NEEDS_GATEWAY_CLASS,
-            lambda m: (
-                m.upgrade_strategy != "NewClusterWithIncrementalUpgrade"
-                or m.gateway_class_name is not None
-            ),
         ),
     )
     model_config = ConfigDict(json_schema_extra=_validations(*RULES))

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from opentelemetry import trace
 
-from moe_operator import tracing
+from moe_operator import children, tracing
 
 Obj = dict[str, Any]
 
@@ -68,12 +68,7 @@ class Resource:
 
 #: The kinds the operator writes, by (apiVersion, kind) as they appear in rendered objects.
 KINDS: dict[tuple[str, str], Resource] = {
-    ("ray.io/v1", "RayService"): Resource("ray.io", "v1", "rayservices"),
-    ("v1", "Service"): Resource("", "v1", "services"),
-    ("policy/v1", "PodDisruptionBudget"): Resource("policy", "v1", "poddisruptionbudgets"),
-    ("networking.k8s.io/v1", "NetworkPolicy"): Resource(
-        "networking.k8s.io", "v1", "networkpolicies"
-    ),
+    c.key: Resource(c.group, c.version, c.plural) for c in children.CHILDREN
 }
 
 

@@ -1,5 +1,8 @@
 """Expert-parallel layout planner (pure: spec + architecture -> plan).
 
+Over 450 lines on purpose: the search (candidates, fit, placement) and the messages explaining
+why nothing fits read the same numbers; apart, every rule would be written twice.
+
 Given a model's MoE architecture and the accelerators, choose the smallest replica that holds the
 weights plus the KV cache of at least one full-length sequence, with headroom:
 
@@ -119,17 +122,9 @@ class Plan(BaseModel):
 
     def status_summary(self) -> dict[str, Any]:
         """The `status.plan` block (camelCase)."""
-        return PlanStatus(
-            architecture=self.architecture,
-            expert_parallel_size=self.expert_parallel_size,
-            tensor_parallel_size=self.tensor_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            gpus_per_replica=self.gpus_per_replica,
-            nodes_per_replica=self.nodes_per_replica,
-            experts_per_rank=self.experts_per_rank,
-            summary=self.summary,
-        ).to_wire()
+        # Every field of the status block is the plan's attribute of the same name.
+        fields = {name: getattr(self, name) for name in PlanStatus.model_fields}
+        return PlanStatus(**fields).to_wire()
 
 
 def resolve_architecture(

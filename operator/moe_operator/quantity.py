@@ -30,23 +30,12 @@ QUANTITY_MESSAGE = (
 
 _COMPILED = re.compile(QUANTITY_REGEX)
 
+#: Multipliers of the suffixes: decimal SI (n .. E) and binary (Ki .. Ei).
 _SUFFIX: dict[str, Decimal] = {
     "": Decimal(1),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "k": Decimal(10**3),
-    "M": Decimal(10**6),
-    "G": Decimal(10**9),
-    "T": Decimal(10**12),
-    "P": Decimal(10**15),
-    "E": Decimal(10**18),
-    "Ki": Decimal(2**10),
-    "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30),
-    "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
+    **{s: Decimal(10) ** e for s, e in zip("num", (-9, -6, -3), strict=True)},
+    **{s: Decimal(10) ** (3 * i) for i, s in enumerate("kMGTPE", start=1)},
+    **{f"{s}i": Decimal(2) ** (10 * i) for i, s in enumerate("KMGTPE", start=1)},
 }
 
 

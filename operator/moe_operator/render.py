@@ -1,5 +1,9 @@
 """Render a plan into Kubernetes objects (pure: no client, no I/O).
 
+Over 450 lines on purpose: the children name, label and select each other (the RayService's
+pods, the Services, the PDB's selector, the NetworkPolicy's peers and ports); kept in one module,
+every such cross-reference is checked by reading one file.
+
 Children of a MoEDeployment `<name>`:
 
 * RayService `<name>` (ray.io/v1): a head group (GCS, dashboard, Serve controller; no GPUs) and

@@ -1,4 +1,9 @@
-"""Admission webhook serving: where kopf's webhook server listens and how it is registered.
+"""The validating admission webhook: what it refuses, where kopf's server listens, how it is
+registered.
+
+`validate_moedeployment` refuses a MoEDeployment the operator could not deploy (the spec's
+models, then the render checks and the planner), naming the field and what to change; the
+operator registers it only when it runs a webhook server (`register_validation`).
 
 In a cluster the API server reaches the operator through the chart's webhook Service, over
 HTTPS with a self-signed certificate made at start-up (its CA goes into the registered
@@ -11,12 +16,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
-from moe_operator.api import GROUP
+from moe_operator.api import GROUP, PLURAL, VERSION, MoEDeploymentSpec, ObjectMeta
+from moe_operator.errors import describe
+from moe_operator.planner import PlanningError, plan
+from moe_operator.render import Owner, RenderError, check_renderable, render
+from moe_operator.runtime import plain
 from moe_operator.settings import OperatorConfig
 
 #: Name of the ValidatingWebhookConfiguration kopf manages.
@@ -125,3 +135,55 @@ def configure_admission(settings: kopf.OperatorSettings, cfg: OperatorConfig) ->
         pkeyfile=keyfile,
         cadata=pem,
     )
+
+
+# ----------------------------------------------------------------------------- the admission rule
+
+
+def validate_body(body: Mapping[str, Any]) -> list[str]:
+    """Problems with a MoEDeployment as the webhook reports them (empty list: valid)."""
+    problems: list[str] = []
+    name = (body.get("metadata") or {}).get("name")
+    if name is not None:
+        try:
+            ObjectMeta.model_validate({"name": name})
+        except ValidationError as err:
+            problems += describe(err, prefix="metadata")
+    try:
+        spec = MoEDeploymentSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError as err:
+        return problems + describe(err, prefix="spec")
+    try:
+        check_renderable(spec)
+        chosen = plan(spec)
+        render(Owner(name or "x", "default", "uid"), spec, chosen)
+    except (PlanningError, RenderError) as err:
+        problems.append(str(err))
+    return problems
+
+
+def register_validation() -> None:
+    """Register the admission handler, once. Only with a webhook server: kopf refuses to start
+    when admission handlers exist and no server is configured (the chart's default)."""
+    registry = kopf.get_default_registry()
+    if any(h.id == "validate-spec" for h in registry._webhooks.get_all_handlers()):
+        return
+    kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-spec", operations=["CREATE", "UPDATE"])(
+        validate_moedeployment
+    )
+
+
+def validate_moedeployment(**kwargs: Any) -> None:
+    """Reject a spec the operator could not deploy, naming the field and what to change."""
+    body, old = kwargs["body"], kwargs.get("old")
+    if kwargs.get("operation") == "UPDATE" and old is not None and _same_spec(old, body):
+        return  # metadata-only changes (labels, kopf's annotations) are not re-judged
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    problems = validate_body(body)
+    if problems:
+        raise kopf.AdmissionError("; ".join(problems), code=422)
+
+
+def _same_spec(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return plain(old.get("spec") or {}) == plain(new.get("spec") or {})

@@ -548,13 +548,3 @@ def _register_queue_collector(server: EngineServer) -> None:
             yield cancelled
 
     REGISTRY.register(QueueCollector())
-
-
-async def wait_idle(server: EngineServer, timeout_s: float) -> bool:
-    """Wait until no request is queued or in the engine (graceful shutdown); True if idle."""
-    deadline = time.monotonic() + timeout_s
-    while server.queue_depth().total > 0:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.2)
-    return True

@@ -124,8 +124,11 @@ class Operator:
         if rt is None:
             return False
         try:
+            queue = rt.queue
             return bool(
-                rt.dirty or rt.workers or any(lock.locked() for lock in list(rt.locks.values()))
+                queue.dirty
+                or queue.workers
+                or any(lock.locked() for lock in list(queue.locks.values()))
             )
         except RuntimeError:  # changed size while read from this thread: it is busy
             return True

@@ -22,7 +22,7 @@ from operator_harness import (
 )
 from test_lifecycle import EXPECTED, children, cond, is_
 
-from moe_operator.handlers import HASH_ANNOTATION
+from moe_operator.reconcile import HASH_ANNOTATION
 
 CHILD_RESOURCES = ("rayservices", "services", "poddisruptionbudgets", "networkpolicies")
 

@@ -8,7 +8,7 @@ import kube_emulator as em
 from operator_harness import MOED, NS, KubeRay, Operator, Reconciles, eventually, mixtral
 
 from moe_operator import status as st
-from moe_operator.handlers import HASH_ANNOTATION
+from moe_operator.reconcile import HASH_ANNOTATION
 
 
 def cond(api: em.ApiServer, ctype: str, name: str = "mixtral") -> dict[str, Any]:

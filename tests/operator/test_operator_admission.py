@@ -19,7 +19,7 @@ from operator_harness import EXAMPLES, MOED, Operator, eventually, example, free
 from rbac_record import granted, helm, used, without
 
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.handlers import validate_moedeployment
+from moe_operator.webhook import validate_moedeployment
 
 CLUSTER_EXAMPLES = sorted(
     p.name for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("tiny-cpu")
