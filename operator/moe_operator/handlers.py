@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +89,7 @@ class Runtime:
     """State of one operator run (kept in kopf's memo, shared by all handlers)."""
 
     config: settings.OperatorConfig
-    connection: kube.Connection | None = None
+    configuration: kube.Configuration | None = None  # the official client's, from login
     client: kube.Client | None = None
     indexes: Mapping[str, Any] = field(default_factory=dict)
     locks: dict[OwnerKey, asyncio.Lock] = field(default_factory=dict)
@@ -110,10 +109,11 @@ class Runtime:
     def api(self) -> kube.Client:
         if self.client is None:
             self.client = kube.Client(
-                lambda: self.connection,
+                lambda: self.configuration,
                 user_agent=settings.USER_AGENT,
                 request_timeout=self.config.request_timeout,
                 connect_timeout=self.config.connect_timeout,
+                workers=self.config.api_workers,
                 tracer=self.tracer(),
             )
         return self.client
@@ -142,29 +142,28 @@ def runtime(memo: Any) -> Runtime:
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account, else kubeconfig; the operator's client reuses the result."""
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        runtime(memo).connection = kube.Connection(
-            server=info.server,
-            ca_path=_path(info.ca_path),
-            ca_data=info.ca_data,
-            insecure=info.insecure,
-            token=info.token,
-            scheme=info.scheme,
-            username=info.username,
-            password=info.password,
-            certificate_path=_path(info.certificate_path),
-            certificate_data=info.certificate_data,
-            private_key_path=_path(info.private_key_path),
-            private_key_data=info.private_key_data,
-        )
-    return info
-
-
-def _path(value: Any) -> str | None:
-    return None if value is None else os.fsdecode(value)
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else kubeconfig, read by the official `kubernetes` client
+    (kube.load_configuration): the operator's client uses that Configuration (exec plugins and
+    token rotation included), and kopf gets the same credentials, mapped as
+    kopf.login_via_client maps them. kopf logs in again after a 401: a fresh Configuration."""
+    cfg = kube.load_configuration()
+    if cfg is None:
+        return None
+    runtime(memo).configuration = cfg
+    scheme, token = kube.authorization(cfg)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,  # the loaders write a kubeconfig's inline data to files
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 @kopf.on.startup()
