@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
 import kopf
@@ -67,29 +66,28 @@ async def _reconcile_cached(rt: Runtime, key: OwnerKey) -> Outcome | None:
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account, else kubeconfig; the operator's client reuses the result."""
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        runtime(memo).connection = kube.Connection(
-            server=info.server,
-            ca_path=_path(info.ca_path),
-            ca_data=info.ca_data,
-            insecure=info.insecure,
-            token=info.token,
-            scheme=info.scheme,
-            username=info.username,
-            password=info.password,
-            certificate_path=_path(info.certificate_path),
-            certificate_data=info.certificate_data,
-            private_key_path=_path(info.private_key_path),
-            private_key_data=info.private_key_data,
-        )
-    return info
-
-
-def _path(value: Any) -> str | None:
-    return None if value is None else os.fsdecode(value)
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else kubeconfig, read by the official `kubernetes` client
+    (kube.load_configuration): the operator's client uses that Configuration (exec plugins and
+    token rotation included), and kopf gets the same credentials, mapped as
+    kopf.login_via_client maps them. kopf logs in again after a 401: a fresh Configuration."""
+    cfg = kube.load_configuration()
+    if cfg is None:
+        return None
+    runtime(memo).configuration = cfg
+    scheme, token = kube.authorization(cfg)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,  # the loaders write a kubeconfig's inline data to files
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 @kopf.on.startup()

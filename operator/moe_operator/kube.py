@@ -1,44 +1,37 @@
-"""A thin async Kubernetes REST client (aiohttp) for what kopf does not do: apply children.
+"""The operator's own Kubernetes API calls, for what kopf does not do: apply children.
 
-Only the calls the operator makes: GET, server-side apply, merge-patch of `status`, DELETE.
-Credentials come from kopf's login (handlers.py hands them over as a `Connection`), so the
-operator authenticates the same way for kopf's watches and for its own writes.
+Only the calls the operator makes: GET, server-side apply, merge-patch of `status`, DELETE,
+through the official `kubernetes` client (its synchronous `ApiClient`, a urllib3 connection
+pool). Its calls block, so `Client` runs them in a small thread pool of its own
+(`MOE_OPERATOR_API_WORKERS` threads), never on kopf's event loop; handlers see an async API.
+
+Credentials: `load_configuration` reads the in-cluster service account, else the kubeconfig,
+with the official client's own loaders (`kubernetes.config`), so kubeconfig exec plugins, auth
+providers and the rotation of in-cluster tokens work as they do for any official-client program
+(its `refresh_api_key_hook` re-reads the token). handlers.login hands kopf the same credentials
+as a `kopf.ConnectionInfo`, so kopf's watches and the operator's writes authenticate alike.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
-import ssl
-import tempfile
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+import urllib3
+from kubernetes.client import ApiClient, Configuration
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
 from opentelemetry import trace
 
 from moe_operator import children, tracing
 
 Obj = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Connection:
-    """Where the API server is and how to authenticate (mirrors kopf.ConnectionInfo)."""
-
-    server: str
-    ca_path: str | None = None
-    ca_data: str | bytes | None = None  # base64 (kubeconfig style) or PEM
-    insecure: bool | None = None
-    token: str | None = None
-    scheme: str | None = None
-    username: str | None = None
-    password: str | None = None
-    certificate_path: str | None = None
-    certificate_data: str | bytes | None = None
-    private_key_path: str | None = None
-    private_key_data: str | bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -115,87 +108,155 @@ class ApiError(Exception):
         return self.status in (408, 409, 429) or self.status >= 500
 
 
-def _pem(data: str | bytes) -> bytes:
-    raw = data.encode() if isinstance(data, str) else data
-    return raw if raw.lstrip().startswith(b"-----") else base64.b64decode(raw)
+def api_error(err: ApiException) -> ApiError:
+    """The official client's `ApiException` as an `ApiError`: the HTTP status, the reason and
+    message of the API's `metav1.Status` (else the HTTP reason and the body's text) and the
+    Retry-After header in seconds. Status 0 (the client got no HTTP answer, e.g. a TLS error)
+    is a 503, as any other failure to reach the API server."""
+    status = int(err.status or 0)
+    reason = str(err.reason or "Error")
+    body = err.body
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    if not status:
+        return ApiError(503, "Unavailable", reason)
+    message = text[:500] or reason
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        reason = str(doc.get("reason") or reason)
+        message = str(doc.get("message") or message)
+    retry_after = err.headers.get("Retry-After") if err.headers else None
+    delay: float | None = None
+    if retry_after:
+        try:
+            delay = float(retry_after)
+        except ValueError:
+            delay = None  # an HTTP date: the caller's own delay applies
+    return ApiError(status, reason, message, delay)
 
 
-def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
-    if not conn.server.startswith("https"):
-        return False
-    if conn.insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context(cafile=conn.ca_path)
-    if conn.ca_data:
-        ctx.load_verify_locations(cadata=_pem(conn.ca_data).decode())
-    cert, key = conn.certificate_path, conn.private_key_path
-    if conn.certificate_data and conn.private_key_data:
-        # ssl only loads client certificates from files.
-        with (
-            tempfile.NamedTemporaryFile(suffix=".crt", delete=False) as cf,
-            tempfile.NamedTemporaryFile(suffix=".key", delete=False) as kf,
-        ):
-            cf.write(_pem(conn.certificate_data))
-            kf.write(_pem(conn.private_key_data))
-            cert, key = cf.name, kf.name
-    if cert:
-        ctx.load_cert_chain(cert, key)
-    return ctx
+def load_configuration() -> Configuration | None:
+    """The in-cluster service account, else the kubeconfig ($KUBECONFIG, ~/.kube/config), read
+    by the official client's loaders into a Configuration of our own (kopf.login_via_client
+    loads the same, but into the client's process-wide default); None when there is neither."""
+    cfg = Configuration()
+    try:
+        load_incluster_config(client_configuration=cfg)
+    except ConfigException:
+        # $KUBECONFIG as it is now: the client's default is the value when it was imported.
+        path = os.environ.get("KUBECONFIG") or KUBE_CONFIG_DEFAULT_LOCATION
+        try:
+            load_kube_config(config_file=path, client_configuration=cfg)
+        except ConfigException:
+            return None
+    return cfg
+
+
+def authorization(cfg: Configuration) -> tuple[str | None, str | None]:
+    """(scheme, credentials) of the Authorization header the configuration sends now (a
+    bearer token, or basic auth from a kubeconfig's username and password), as kopf's
+    login_via_client reads it; the refresh hook of exec plugins and in-cluster tokens runs."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    if not parts:
+        return None, None
+    if len(parts) == 1:
+        return None, parts[0]
+    return parts[0], parts[1]
 
 
 class Client:
-    """Stateless about credentials: every request uses the latest `Connection`."""
+    """The operator's API calls on the official client, off the event loop.
+
+    Why `ApiClient` with the resource paths and not `kubernetes.dynamic.DynamicClient`: the
+    paths of the four kinds we write are known (`KINDS`), and DynamicClient first discovers
+    every API group (/version, /api, /apis and each group-version, cached in a file under
+    /tmp), needs discovery again whenever a CRD appears later (KubeRay installed after the
+    operator), and adds nothing we use. The calls are the client's own generic request path
+    (`param_serialize` + `call_api`, what DynamicClient.request does): its authentication
+    (with the token refresh hook), TLS, proxy and connection pool.
+
+    Credentials: every call uses the latest Configuration from `configuration` (a new one
+    after each kopf login); one ApiClient (one connection pool) per Configuration.
+    """
 
     def __init__(
         self,
-        connection: Callable[[], Connection | None],
+        configuration: Callable[[], Configuration | None],
         *,
         user_agent: str,
         request_timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        workers: int = 32,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self._connection = connection
+        self._configuration = configuration
         self._tracer = tracer  # one CLIENT span per call (tracing.py)
         self._user_agent = user_agent
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._session_for: Connection | None = None
+        # urllib3: connect timeout, then the longest wait for the next bytes of the answer.
+        self._timeout = (connect_timeout, request_timeout)
+        self._workers = workers
+        # The sync client blocks: its calls run here, at most `workers` at a time.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
+        self._api: ApiClient | None = None
+        self._api_for: Configuration | None = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._api is not None:
+            self._api.rest_client.close()
+            self._api = self._api_for = None
 
-    async def _session_now(self) -> tuple[aiohttp.ClientSession, Connection]:
-        conn = self._connection()
-        if conn is None:
+    def _api_now(self) -> ApiClient:
+        cfg = self._configuration()
+        if cfg is None:
             raise ApiError(503, "NotLoggedIn", "no API credentials yet (kopf has not logged in)")
-        if self._session is None or self._session_for != conn:
-            await self.close()
-            headers = {"User-Agent": self._user_agent}
-            if conn.token:
-                headers["Authorization"] = f"{conn.scheme or 'Bearer'} {conn.token}"
-            auth = aiohttp.BasicAuth(conn.username, conn.password or "") if conn.username else None
-            self._session = aiohttp.ClientSession(
-                base_url=conn.server.rstrip("/"),
-                headers=headers,
-                auth=auth,
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(ssl=_ssl_context(conn)),
-            )
-            self._session_for = conn
-        return self._session, conn
+        if self._api is None or self._api_for is not cfg:
+            old = self._api
+            # One pooled connection per worker thread: none waits for another's, none idles.
+            cfg.connection_pool_maxsize = self._workers
+            api = ApiClient(configuration=cfg)
+            api.user_agent = self._user_agent
+            self._api, self._api_for = api, cfg
+            if old is not None:
+                old.rest_client.close()  # idle connections of the old credentials
+        return self._api
+
+    def _call(
+        self,
+        api: ApiClient,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None,
+        body: Any,
+        content_type: str,
+    ) -> tuple[int, Obj]:
+        """One blocking request (in a worker thread): (HTTP status, decoded body)."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        request = api.param_serialize(
+            method,
+            path,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        rsp = api.call_api(*request, _request_timeout=self._timeout)
+        data = rsp.read()
+        if not 200 <= rsp.status <= 299:
+            raise ApiException(http_resp=rsp)
+        return rsp.status, (json.loads(data) if data else {})
 
     async def request(
         self,
         method: str,
         path: str,
         *,
-        params: dict[str, str] | None = None,
+        query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
         operation: str | None = None,
@@ -203,24 +264,19 @@ class Client:
         with tracing.api_span(self._tracer, method, path, operation or method.lower()) as span:
             status = 503  # no answer at all
             try:
-                session, _ = await self._session_now()
-                data = None if body is None else json.dumps(body)
-                headers = {"Content-Type": content_type, "Accept": "application/json"}
+                api = self._api_now()
+                loop = asyncio.get_running_loop()
                 try:
-                    async with session.request(
-                        method, path, params=params, data=data, headers=headers
-                    ) as rsp:
-                        status = rsp.status
-                        text = await rsp.text()
-                        if rsp.status >= 400:
-                            raise _error(rsp.status, text, rsp.headers.get("Retry-After"))
-                        return json.loads(text) if text else {}
-                except (
-                    aiohttp.ClientConnectionError,
-                    aiohttp.ClientPayloadError,
-                    TimeoutError,
-                ) as err:
+                    status, obj = await loop.run_in_executor(
+                        self._executor, self._call, api, method, path, query, body, content_type
+                    )
+                except ApiException as err:
+                    error = api_error(err)
+                    status = error.status
+                    raise error from err
+                except (urllib3.exceptions.HTTPError, OSError) as err:
                     raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
+                return obj
             finally:
                 tracing.end_api_span(span, status)
 
@@ -240,8 +296,8 @@ class Client:
         return await self.request(
             "PATCH",
             res.path(meta.get("namespace"), meta["name"]),
-            params={"fieldManager": field_manager, "force": "true"},
-            body=obj,  # JSON is YAML: the apply content type takes it as is
+            query=[("fieldManager", field_manager), ("force", "true")],
+            body=obj,  # sent as JSON, which is YAML: the apply content type takes it as is
             content_type="application/apply-patch+yaml",
             operation="apply",
         )
@@ -276,20 +332,3 @@ class Client:
                 return False
             raise
         return True
-
-
-def _error(status: int, text: str, retry_after: str | None) -> ApiError:
-    reason, message = "Error", text[:500]
-    try:
-        doc = json.loads(text)
-        reason = str(doc.get("reason") or reason)
-        message = str(doc.get("message") or message)
-    except (ValueError, AttributeError):
-        pass
-    delay: float | None = None
-    if retry_after:
-        try:
-            delay = float(retry_after)
-        except ValueError:
-            delay = None
-    return ApiError(status, reason, message, delay)

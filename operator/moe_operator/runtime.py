@@ -29,7 +29,7 @@ class Runtime:
 
     config: settings.OperatorConfig
     queue: WorkQueue
-    connection: kube.Connection | None = None
+    configuration: kube.Configuration | None = None  # the official client's, from login
     client: kube.Client | None = None
     indexes: Mapping[str, Any] = field(default_factory=dict)
     traces: tracing.Tracing | None = None
@@ -45,10 +45,11 @@ class Runtime:
     def api(self) -> kube.Client:
         if self.client is None:
             self.client = kube.Client(
-                lambda: self.connection,
+                lambda: self.configuration,
                 user_agent=settings.USER_AGENT,
                 request_timeout=self.config.request_timeout,
                 connect_timeout=self.config.connect_timeout,
+                workers=self.config.api_workers,
                 tracer=self.tracer(),
             )
         return self.client

@@ -58,6 +58,15 @@ class OperatorConfig(BaseModel):
     )
     connect_timeout: float = Field(10.0, gt=0, description="TCP connect timeout to the API.")
     request_timeout: float = Field(60.0, gt=0, description="Timeout of one non-watch request.")
+    api_workers: int = Field(
+        32,
+        ge=1,
+        le=64,
+        description=(
+            "Threads of the operator's own API client (the official `kubernetes` client blocks, "
+            "so its calls run there, off kopf's event loop) and its pooled connections."
+        ),
+    )
     retry_delay: float = Field(
         15.0, gt=0, description="Seconds before retrying a reconcile that hit a transient error."
     )

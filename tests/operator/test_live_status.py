@@ -97,8 +97,9 @@ async def test_reads_stop_while_another_operator_is_in_charge(
     same rule to the peering object itself (and reads nothing while paused)."""
     kubeconfig = yaml.safe_load(pathlib.Path(os.environ["KUBECONFIG"]).read_text())
     server = kubeconfig["clusters"][0]["cluster"]["server"]
+    cfg = kube.Configuration(host=server, api_key={"BearerToken": "Bearer test-token"})
     client = kube.Client(
-        lambda: kube.Connection(server=server, token="test-token"),
+        lambda: cfg,
         user_agent=settings.USER_AGENT,
         request_timeout=10,
         connect_timeout=5,
