@@ -22,10 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import oracle
 import pytest
 from two_nodes import MAX_TOKENS, Served, completion_tokens, dp_ep_config, serve_on_two_nodes
-
-from moe_serving import oracle
 
 pytestmark = pytest.mark.engine
 
