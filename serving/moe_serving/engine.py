@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from moe_serving import live_state, parser_support, tool_choice
+from moe_serving import live_state, metrics, parser_support, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -272,7 +272,7 @@ class EngineServer:
         """Prometheus text of this process: vLLM's `vllm:*` metrics and our queue gauges."""
         from prometheus_client import REGISTRY, generate_latest
 
-        _register_queue_collector(self)
+        metrics.register_queue_depth(self.queue_depth)
         return generate_latest(REGISTRY).decode()
 
     async def models(self) -> dict[str, Any]:
@@ -493,50 +493,6 @@ def _validation_message(exc: Any) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "invalid request: " + "; ".join(parts)
-
-
-_COLLECTOR_REGISTERED: list[EngineServer] = []
-
-
-def _register_queue_collector(server: EngineServer) -> None:
-    """Expose `queue_depth()` as Prometheus gauges, computed at scrape time (once per process)."""
-    if _COLLECTOR_REGISTERED:
-        _COLLECTOR_REGISTERED[0] = server
-        return
-    from prometheus_client import REGISTRY
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from prometheus_client.registry import Collector
-
-    _COLLECTOR_REGISTERED.append(server)
-
-    class QueueCollector(Collector):
-        def collect(self) -> Iterator[Any]:
-            depth = _COLLECTOR_REGISTERED[0].queue_depth()
-            gauge = GaugeMetricFamily(
-                "moe_replica_requests",
-                "Requests in this replica, by where they are.",
-                labels=["where"],
-            )
-            gauge.add_metric(["admission_queue"], depth.queued)
-            gauge.add_metric(["engine"], depth.in_engine)
-            yield gauge
-            total = GaugeMetricFamily(
-                "moe_replica_queue_depth", "Queued plus in-engine requests (autoscaling signal)."
-            )
-            total.add_metric([], depth.total)
-            yield total
-            rejected = CounterMetricFamily(
-                "moe_replica_rejected_requests", "Requests refused because the queue was full."
-            )
-            rejected.add_metric([], depth.rejected_total)
-            yield rejected
-            cancelled = CounterMetricFamily(
-                "moe_replica_cancelled_requests", "Requests dropped because the client went away."
-            )
-            cancelled.add_metric([], depth.cancelled_total)
-            yield cancelled
-
-    REGISTRY.register(QueueCollector())
 
 
 async def wait_idle(server: EngineServer, timeout_s: float) -> bool:

@@ -5,6 +5,8 @@
   `moe_serving.engine_obs`;
 * expert load: tokens routed to each expert of each MoE layer and to each EP rank, summed at
   scrape time from the per-worker files that `moe_serving.expert_load` writes;
+* the replica's queue depth (`EngineServer.queue_depth()`: admission queue, in the engine,
+  refused and cancelled requests), read at scrape time;
 * the replica count of the engine deployment, from Ray Serve's status (asked by the ingress).
 
 All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
@@ -15,14 +17,17 @@ replica's text at once, each sample labelled with its replica (`label_replicas`)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from moe_serving.engine import QueueDepth
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -164,6 +169,54 @@ def register_expert_load(directory: Path, model: str) -> None:
         return
     collector = ExpertLoadCollector(directory, model)
     _EXPERT_COLLECTOR.append(collector)
+    REGISTRY.register(collector)
+
+
+class QueueCollector(Collector):
+    """`queue_depth()` of the process's engine server as Prometheus series, computed at scrape
+    time."""
+
+    def __init__(self, queue_depth: Callable[[], QueueDepth]) -> None:
+        self.queue_depth = queue_depth
+
+    def collect(self) -> Iterator[Any]:
+        depth = self.queue_depth()
+        gauge = GaugeMetricFamily(
+            "moe_replica_requests",
+            "Requests in this replica, by where they are.",
+            labels=["where"],
+        )
+        gauge.add_metric(["admission_queue"], depth.queued)
+        gauge.add_metric(["engine"], depth.in_engine)
+        yield gauge
+        total = GaugeMetricFamily(
+            "moe_replica_queue_depth", "Queued plus in-engine requests (autoscaling signal)."
+        )
+        total.add_metric([], depth.total)
+        yield total
+        rejected = CounterMetricFamily(
+            "moe_replica_rejected_requests", "Requests refused because the queue was full."
+        )
+        rejected.add_metric([], depth.rejected_total)
+        yield rejected
+        cancelled = CounterMetricFamily(
+            "moe_replica_cancelled_requests", "Requests dropped because the client went away."
+        )
+        cancelled.add_metric([], depth.cancelled_total)
+        yield cancelled
+
+
+_QUEUE_COLLECTOR: list[QueueCollector] = []
+
+
+def register_queue_depth(queue_depth: Callable[[], QueueDepth]) -> None:
+    """Expose `queue_depth()` as Prometheus series (once per process; a later server's
+    `queue_depth` replaces the earlier one)."""
+    if _QUEUE_COLLECTOR:
+        _QUEUE_COLLECTOR[0].queue_depth = queue_depth
+        return
+    collector = QueueCollector(queue_depth)
+    _QUEUE_COLLECTOR.append(collector)
     REGISTRY.register(collector)
 
 
