@@ -40,11 +40,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from moe_serving import autoscaling, body_checks, dp_group, grpc_api, live_state, schemas, tracing
 from moe_serving.config import AppConfig
-from moe_serving.engine import EngineServer, Kind, error_body
+from moe_serving.engine import EngineServer
 from moe_serving.grpc_servicer import SERVICE as SERVICE_NAME
 from moe_serving.grpc_servicer import UndecodableRequest, decode
 from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text
 from moe_serving.proto import inference_pb2 as pb
+from moe_serving.protocol import Kind, Reason, ResponseHead, error_body
 from moe_serving.vllm_args import dp_cpu_binding, ranks_per_engine
 
 logger = logging.getLogger("ray.serve.moe_serving")
@@ -254,7 +255,11 @@ class _ClientError(Exception):
     """A request that ends with an error status (HTTP status; mapped to a gRPC code)."""
 
     def __init__(
-        self, status: int, message: str, retry_after_s: int | None = None, reason: str = ""
+        self,
+        status: int,
+        message: str,
+        retry_after_s: int | None = None,
+        reason: Reason = Reason.UNSPECIFIED,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -265,12 +270,12 @@ class _ClientError(Exception):
 _GRPC_CODE_BY_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
 
 
-def _grpc_code(status: int, reason: str) -> Any:
+def _grpc_code(status: int, reason: Reason) -> Any:
     import grpc
 
-    if reason == "queue_full":
+    if reason == Reason.QUEUE_FULL:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if reason in ("model_not_found", "not_found"):
+    if reason in (Reason.MODEL_NOT_FOUND, Reason.NOT_FOUND):
         return grpc.StatusCode.NOT_FOUND
     if status == 504:
         return grpc.StatusCode.DEADLINE_EXCEEDED
@@ -306,7 +311,7 @@ def _replica_lost(exc: BaseException) -> _ClientError:
         503,
         f"the engine replica serving this request went away ({type(exc).__name__}); retry",
         retry_after_s=1,
-        reason="replica_lost",
+        reason=Reason.REPLICA_LOST,
     )
 
 
@@ -358,19 +363,19 @@ class Ingress:
     def _check_model(self, body: dict[str, Any]) -> None:
         problem = body_checks.text_problem(body) or schemas.schema_problem(body)
         if problem:
-            raise _ClientError(400, problem, reason="invalid_schema")
+            raise _ClientError(400, problem, reason=Reason.INVALID_SCHEMA)
         model = body.get("model")
         if model is not None and model != self.model_name:
             # HTTP 400 (as asked of this API); gRPC NOT_FOUND.
             raise _ClientError(
                 400,
                 f"model {model!r} is not served here; available models: [{self.model_name!r}]",
-                reason="model_not_found",
+                reason=Reason.MODEL_NOT_FOUND,
             )
 
     async def _engine_events(
         self, kind: Kind, body: dict[str, Any], span: Any = None
-    ) -> tuple[Any, AsyncIterator[Any], DeploymentResponseGenerator[Any]]:
+    ) -> tuple[ResponseHead, AsyncIterator[Any], DeploymentResponseGenerator[Any]]:
         """Start the engine request; returns (head, remaining events, the handle generator)."""
         from ray.serve.exceptions import BackPressureError
 
@@ -379,7 +384,7 @@ class Ingress:
                 503,
                 "no engine replica is running (being replaced, or waiting for its nodes); retry",
                 retry_after_s=5,
-                reason="no_replica",
+                reason=Reason.NO_REPLICA,
             )
         gen = cast(
             DeploymentResponseGenerator[Any],
@@ -392,7 +397,7 @@ class Ingress:
         except BackPressureError as exc:
             gen.cancel()
             raise _ClientError(
-                503, f"server busy: {exc}", retry_after_s=1, reason="queue_full"
+                503, f"server busy: {exc}", retry_after_s=1, reason=Reason.QUEUE_FULL
             ) from exc
         return head, gen, gen
 
@@ -523,7 +528,7 @@ class Ingress:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     head, events, gen = await self._engine_events(kind, body, span)
-                    if not head["stream"]:
+                    if not head.stream:
                         payload = await events.__anext__()
             except TimeoutError as exc:
                 raise _ClientError(504, f"request timed out after {self.timeout_s}s") from exc
@@ -532,10 +537,10 @@ class Ingress:
         except _ClientError as exc:
             self.metrics.observe("http", endpoint, str(exc.status), started, span)
             return _error_response(exc)
-        if not head["stream"]:
-            self.metrics.observe("http", endpoint, str(head["status"]), started, span)
-            headers = _retry_headers(head.get("retry_after_s"))
-            return JSONResponse(payload, status_code=head["status"], headers=headers)
+        if not head.stream:
+            self.metrics.observe("http", endpoint, str(head.status), started, span)
+            headers = _retry_headers(head.retry_after_s)
+            return JSONResponse(payload, status_code=head.status, headers=headers)
         return StreamingResponse(
             self._sse(events, gen, endpoint, started, span),
             media_type="text/event-stream",
@@ -616,10 +621,10 @@ class Ingress:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     head, events, gen = await self._engine_events(kind, body, span)
-                    if not head["stream"]:  # refused before streaming: an error body
+                    if not head.stream:  # refused before streaming: an error body
                         payload = await events.__anext__()
                         refusal = grpc_api.error_message(payload) or "request failed"
-                        raise _ClientError(head["status"], refusal, reason=head["reason"])
+                        raise _ClientError(head.status, refusal, reason=head.reason)
                     async for chunk in events:
                         for payload in grpc_api.parse_sse(chunk):
                             failure = grpc_api.error_message(payload)
@@ -661,7 +666,7 @@ class Ingress:
             try:
                 self._check_key(_grpc_metadata(grpc_context, "authorization"))
             except _ClientError as exc:
-                _abort_grpc(grpc_context, _grpc_code(exc.status, ""), str(exc))
+                _abort_grpc(grpc_context, _grpc_code(exc.status, Reason.UNSPECIFIED), str(exc))
             return grpc_api.models_response(await self.engine.models.remote())
 
         return await self._traced_rpc(grpc_context, "ListModels", answer)
@@ -784,9 +789,9 @@ class Ingress:
             finally:
                 if gen is not None:
                     gen.cancel()
-            if head["status"] != 200:
+            if head.status != 200:
                 message = grpc_api.error_message(payload) or "request failed"
-                raise _ClientError(head["status"], message, reason=head["reason"])
+                raise _ClientError(head.status, message, reason=head.reason)
         except _ClientError as exc:
             code = _grpc_code(exc.status, exc.reason).name
             self.metrics.observe("grpc", method, code, started, span)

@@ -16,6 +16,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from moe_serving.protocol import ResponseHead
+
 KV_PREFIX = "standin/"
 
 
@@ -60,7 +62,7 @@ class StandInEngine:
     async def openai(
         self, kind: str, body: dict[str, Any], trace_headers: dict[str, str] | None = None
     ) -> AsyncIterator[Any]:
-        yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
+        yield ResponseHead(200, stream=False)
         yield {"object": "text_completion", "choices": [{"text": json.dumps(self.record)}]}
 
     async def models(self) -> dict[str, Any]:
