@@ -7,7 +7,8 @@
   scrape time from the per-worker files that `moe_serving.expert_load` writes;
 * the replica's queue depth (`EngineServer.queue_depth()`: admission queue, in the engine,
   refused and cancelled requests), read at scrape time;
-* the replica count of the engine deployment, from Ray Serve's status (asked by the ingress).
+* the replica count of the engine deployment, from Ray Serve's status (asked by the ingress);
+* the ingress's own request counts and durations (`IngressMetrics`, a registry of its own).
 
 All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
 `EngineServer.metrics_text()` exposes them together; the ingress's /metrics shows every
@@ -17,14 +18,17 @@ replica's text at once, each sample labelled with its replica (`label_replicas`)
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from moe_serving import tracing
 
 if TYPE_CHECKING:
     from moe_serving.engine import QueueDepth
@@ -218,6 +222,37 @@ def register_queue_depth(queue_depth: Callable[[], QueueDepth]) -> None:
     collector = QueueCollector(queue_depth)
     _QUEUE_COLLECTOR.append(collector)
     REGISTRY.register(collector)
+
+
+class IngressMetrics:
+    """The ingress's own Prometheus series (a private registry: no clash with the engine's)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "moe_ingress_requests",
+            "Requests answered by the ingress.",
+            ["protocol", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "moe_ingress_request_duration_seconds",
+            "Time from request to the end of its response.",
+            ["protocol", "endpoint"],
+            registry=self.registry,
+        )
+
+    def observe(
+        self, protocol: str, endpoint: str, code: str, started: float, span: Any = None
+    ) -> None:
+        """One answered request (`started`: its `time.monotonic()`); ends its span, if any."""
+        self.requests.labels(protocol, endpoint, code).inc()
+        self.latency.labels(protocol, endpoint).observe(time.monotonic() - started)
+        if span is not None:
+            tracing.end_request_span(span, code)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 def replicas_text(deployment: str) -> str:

@@ -1,4 +1,5 @@
-"""A stand-in for `moe_serving.app.LLMEngine` that loads no model and records where its ranks go.
+"""A stand-in for `moe_serving.replica.LLMEngine` that loads no model and records where its ranks
+go.
 
 Same constructor argument (the AppConfig JSON), same DP-rank discovery (`moe_serving.dp_group`,
 the code the real replica runs), same bundle choice as the real engine's Ray executor gets
@@ -6,8 +7,8 @@ the code the real replica runs), same bundle choice as the real engine's Ray exe
 replica's node first, without). It publishes that record in the GCS's KV store under
 `standin/<replica id>` for the test to read, and answers the ingress's calls minimally.
 
-Kept free of `moe_serving.app` imports: Serve imports this module in every stand-in replica, and
-a DeepSeek-sized layout starts 32 of them on a 2-core machine.
+Kept free of `moe_serving.app` imports: Serve imports this module in every stand-in replica,
+and a DeepSeek-sized layout starts 32 of them on a 2-core machine.
 """
 
 from __future__ import annotations
