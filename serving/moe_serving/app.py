@@ -15,7 +15,9 @@
   outcomes (`moe_serving.protocol`) to HTTP statuses / gRPC codes (`moe_serving.outcomes`),
   and cancels the engine request when the client goes away.
 
-This module builds the application and holds the deployments' Ray Serve options.
+This module builds the application and holds the deployments' Ray Serve options. Both
+deployments are bound to the typed `AppConfig` (Ray pickles it to their replicas): from a serve
+config it is parsed once, here, from `args`.
 
 Operator contract: `import_path: moe_serving.app:build_app`, `args: AppConfig.model_dump(
 mode="json")`, gRPC servicer function
@@ -137,12 +139,13 @@ def ingress_deployment_options(config: AppConfig) -> dict[str, Any]:
 
 def build(config: AppConfig, engine_cls: type = LLMEngine) -> serve.Application:
     """The application with `engine_cls` as its engine deployment (LLMEngine, or a stand-in
-    with the same constructor and methods in placement tests): same options, same ingress."""
-    config_json = config.model_dump(mode="json")
-    engine = serve.deployment(**engine_deployment_options(config))(engine_cls).bind(config_json)
-    return serve.deployment(**ingress_deployment_options(config))(Ingress).bind(engine, config_json)
+    with the same constructor and methods in placement tests): same options, same ingress.
+    Both deployments get `config` itself (typed; Ray pickles it to their replicas)."""
+    engine = serve.deployment(**engine_deployment_options(config))(engine_cls).bind(config)
+    return serve.deployment(**ingress_deployment_options(config))(Ingress).bind(engine, config)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Ray Serve application for the operator's `serveConfigV2` (`args` = `AppConfig` JSON)."""
+    """Ray Serve application for the operator's `serveConfigV2`: `args` (`AppConfig` JSON, a
+    dict from the serve config's YAML) is parsed here, once."""
     return build(AppConfig.model_validate(args))

@@ -41,9 +41,9 @@ class EngineCall:
 class IngressBase:
     """Set-up, checks and the engine call of the ingress (no CPU, no model)."""
 
-    def __init__(self, engine: DeploymentHandle, config_json: dict[str, Any]) -> None:
+    def __init__(self, engine: DeploymentHandle, config: AppConfig) -> None:
         self.engine = engine
-        self.config = config = AppConfig.model_validate(config_json)
+        self.config = config
         self.model_name = config.engine.served_model_name
         self.timeout_s = config.request_timeout_s
         self.metrics = IngressMetrics()

@@ -39,9 +39,9 @@ def with_dp_rank(config: AppConfig, rank: dp_group.DPRank) -> AppConfig:
 class LLMEngine:
     """Ray Serve deployment holding one vLLM engine (one replica = one engine + its ranks)."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         # Ray Serve awaits an async constructor: the replica is ready once vLLM is.
-        self.config = AppConfig.model_validate(config)
+        self.config = config
         self.dp_rank = await dp_group.discover(ranks_per_engine(self.config.engine))
         if self.dp_rank is not None:
             self.config = with_dp_rank(self.config, self.dp_rank)

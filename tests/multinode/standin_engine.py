@@ -1,7 +1,7 @@
 """A stand-in for `moe_serving.replica.LLMEngine` that loads no model and records where its ranks
 go.
 
-Same constructor argument (the AppConfig JSON), same DP-rank discovery (`moe_serving.dp_group`,
+Same constructor argument (the AppConfig), same DP-rank discovery (`moe_serving.dp_group`,
 the code the real replica runs), same bundle choice as the real engine's Ray executor gets
 (the gang's node-ordered slice with DP; the replica's own placement group, node-ordered with the
 replica's node first, without). It publishes that record in the GCS's KV store under
@@ -23,7 +23,7 @@ KV_PREFIX = "standin/"
 
 
 class StandInEngine:
-    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, config: Any) -> None:  # type: ignore[misc]
         import ray
         from ray import serve
         from ray.experimental.internal_kv import _internal_kv_put
@@ -34,7 +34,7 @@ class StandInEngine:
         from moe_serving.config import AppConfig
         from moe_serving.vllm_args import ranks_per_engine
 
-        self.config = AppConfig.model_validate(config)
+        self.config: AppConfig = config
         per_engine = ranks_per_engine(self.config.engine)
         ctx = ray.get_runtime_context()
         node_id = ctx.get_node_id()

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.engine
 class SwitchableEngine:
     """Answers every request; its health can be switched."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = AppConfig.model_validate(config)
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
         self.healthy = True
 
     def set_healthy(self, healthy: bool) -> None:
