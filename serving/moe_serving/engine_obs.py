@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from moe_serving import expert_load, metrics, tracing
 from moe_serving.config import AppConfig
+from moe_serving.protocol import ResponseHead
 
 _CURRENT: contextvars.ContextVar[EngineRequest | None] = contextvars.ContextVar(
     "moe_engine_request", default=None
@@ -150,9 +151,9 @@ class EngineRequest:
         self.queue_wait_s = time.monotonic() - self.received
 
     def event(self, event: Any) -> None:
-        if isinstance(event, dict) and "stream" in event and "status" in event:  # the head
-            self.status = int(event["status"])
-            self.outcome = "ok" if self.status == 200 else str(event["reason"])
+        if isinstance(event, ResponseHead):
+            self.status = event.status
+            self.outcome = "ok" if self.status == 200 else str(event.reason)
             return
         if isinstance(event, dict):  # the one body of a non-streaming response
             self.complete = True

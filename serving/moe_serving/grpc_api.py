@@ -133,6 +133,16 @@ def _tool_calls_json(message: dict[str, Any]) -> str:
     return json.dumps(calls) if calls else ""
 
 
+def _response_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """What a unary response copies from any OpenAI response body besides its choices."""
+    return {
+        "id": body.get("id", ""),
+        "model": body.get("model", ""),
+        "created": body.get("created", 0),
+        "usage": _usage(body.get("usage")),
+    }
+
+
 def completion_response(body: dict[str, Any]) -> pb.CompleteResponse:
     """`CompleteResponse` from an OpenAI completion response body."""
     choices = [
@@ -144,13 +154,7 @@ def completion_response(body: dict[str, Any]) -> pb.CompleteResponse:
         )
         for c in body.get("choices", [])
     ]
-    return pb.CompleteResponse(
-        id=body.get("id", ""),
-        model=body.get("model", ""),
-        created=body.get("created", 0),
-        choices=choices,
-        usage=_usage(body.get("usage")),
-    )
+    return pb.CompleteResponse(choices=choices, **_response_fields(body))
 
 
 def chat_response(body: dict[str, Any]) -> pb.ChatResponse:
@@ -171,13 +175,7 @@ def chat_response(body: dict[str, Any]) -> pb.ChatResponse:
                 or "",
             )
         )
-    return pb.ChatResponse(
-        id=body.get("id", ""),
-        model=body.get("model", ""),
-        created=body.get("created", 0),
-        choices=choices,
-        usage=_usage(body.get("usage")),
-    )
+    return pb.ChatResponse(choices=choices, **_response_fields(body))
 
 
 def parse_sse(chunk: str) -> list[dict[str, Any]]:

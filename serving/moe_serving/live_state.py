@@ -11,6 +11,7 @@ older than `STALE_AFTER_S` (its replica died or hangs) no longer counts.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -235,6 +236,38 @@ def none_can_serve(
     running, _ = replica_counts(details, app_name, deployment, gang_size)
     status = deployment_status(details, app_name, deployment)
     return running == 0 and status in ("UNHEALTHY", "DEPLOY_FAILED")
+
+
+class EngineAvailability:
+    """Whether requests should be refused because no engine replica can serve them, from the
+    Serve controller, read at most once a second (the ingress asks before every request).
+
+    Serve's handle holds a request while no replica runs. That is right while replicas are
+    starting (scale from zero, a rolling config change: they will run soon), but not when the
+    deployment is UNHEALTHY with none running (a node of a multi-node replica was lost and
+    its gang waits for nodes to be placed again): clients then get a prompt retryable refusal
+    instead of a wait until their deadline."""
+
+    TTL_S = 1.0
+
+    def __init__(self, deployment: str, gang_size: int) -> None:
+        self.deployment = deployment
+        self.gang_size = gang_size
+        self.checked = 0.0
+        self.refuse = False
+
+    def _read(self, app_name: str) -> bool:
+        details = serve_details()
+        return details is not None and none_can_serve(
+            details, app_name, self.deployment, self.gang_size
+        )
+
+    async def none_can_serve(self, app_name: str) -> bool:
+        now = time.monotonic()
+        if now - self.checked > self.TTL_S:
+            self.checked = now
+            self.refuse = await asyncio.to_thread(self._read, app_name)
+        return self.refuse
 
 
 def serve_replicas(

@@ -219,7 +219,7 @@ def _serve_until_stopped(
     import ray
     from ray import serve
 
-    from moe_serving.app import build_app
+    from moe_serving.app import build
     from moe_serving.local_cluster import LocalCluster, NodeShape
 
     console = _Console(terminal)
@@ -253,7 +253,7 @@ def _serve_until_stopped(
             f"EP={'on' if engine.enable_expert_parallel else 'off'})"
         ):
             serve.run(
-                build_app(app.model_dump(mode="json")),
+                build(app),
                 name=app.deployment_name,
                 route_prefix="/",
                 blocking=False,

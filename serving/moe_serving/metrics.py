@@ -5,7 +5,10 @@
   `moe_serving.engine_obs`;
 * expert load: tokens routed to each expert of each MoE layer and to each EP rank, summed at
   scrape time from the per-worker files that `moe_serving.expert_load` writes;
-* the replica count of the engine deployment, from Ray Serve's status (asked by the ingress).
+* the replica's queue depth (`EngineServer.queue_depth()`: admission queue, in the engine,
+  refused and cancelled requests), read at scrape time;
+* the replica count of the engine deployment, from Ray Serve's status (asked by the ingress);
+* the ingress's own request counts and durations (`IngressMetrics`, a registry of its own).
 
 All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
 `EngineServer.metrics_text()` exposes them together; the ingress's /metrics shows every
@@ -15,14 +18,20 @@ replica's text at once, each sample labelled with its replica (`label_replicas`)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from moe_serving import tracing
+
+if TYPE_CHECKING:
+    from moe_serving.engine import QueueDepth
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -165,6 +174,85 @@ def register_expert_load(directory: Path, model: str) -> None:
     collector = ExpertLoadCollector(directory, model)
     _EXPERT_COLLECTOR.append(collector)
     REGISTRY.register(collector)
+
+
+class QueueCollector(Collector):
+    """`queue_depth()` of the process's engine server as Prometheus series, computed at scrape
+    time."""
+
+    def __init__(self, queue_depth: Callable[[], QueueDepth]) -> None:
+        self.queue_depth = queue_depth
+
+    def collect(self) -> Iterator[Any]:
+        depth = self.queue_depth()
+        gauge = GaugeMetricFamily(
+            "moe_replica_requests",
+            "Requests in this replica, by where they are.",
+            labels=["where"],
+        )
+        gauge.add_metric(["admission_queue"], depth.queued)
+        gauge.add_metric(["engine"], depth.in_engine)
+        yield gauge
+        total = GaugeMetricFamily(
+            "moe_replica_queue_depth", "Queued plus in-engine requests (autoscaling signal)."
+        )
+        total.add_metric([], depth.total)
+        yield total
+        rejected = CounterMetricFamily(
+            "moe_replica_rejected_requests", "Requests refused because the queue was full."
+        )
+        rejected.add_metric([], depth.rejected_total)
+        yield rejected
+        cancelled = CounterMetricFamily(
+            "moe_replica_cancelled_requests", "Requests dropped because the client went away."
+        )
+        cancelled.add_metric([], depth.cancelled_total)
+        yield cancelled
+
+
+_QUEUE_COLLECTOR: list[QueueCollector] = []
+
+
+def register_queue_depth(queue_depth: Callable[[], QueueDepth]) -> None:
+    """Expose `queue_depth()` as Prometheus series (once per process; a later server's
+    `queue_depth` replaces the earlier one)."""
+    if _QUEUE_COLLECTOR:
+        _QUEUE_COLLECTOR[0].queue_depth = queue_depth
+        return
+    collector = QueueCollector(queue_depth)
+    _QUEUE_COLLECTOR.append(collector)
+    REGISTRY.register(collector)
+
+
+class IngressMetrics:
+    """The ingress's own Prometheus series (a private registry: no clash with the engine's)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "moe_ingress_requests",
+            "Requests answered by the ingress.",
+            ["protocol", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "moe_ingress_request_duration_seconds",
+            "Time from request to the end of its response.",
+            ["protocol", "endpoint"],
+            registry=self.registry,
+        )
+
+    def observe(
+        self, protocol: str, endpoint: str, code: str, started: float, span: Any = None
+    ) -> None:
+        """One answered request (`started`: its `time.monotonic()`); ends its span, if any."""
+        self.requests.labels(protocol, endpoint, code).inc()
+        self.latency.labels(protocol, endpoint).observe(time.monotonic() - started)
+        if span is not None:
+            tracing.end_request_span(span, code)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 def replicas_text(deployment: str) -> str:

@@ -1,13 +1,14 @@
-"""A stand-in for `moe_serving.app.LLMEngine` that loads no model and records where its ranks go.
+"""A stand-in for `moe_serving.replica.LLMEngine` that loads no model and records where its ranks
+go.
 
-Same constructor argument (the AppConfig JSON), same DP-rank discovery (`moe_serving.dp_group`,
+Same constructor argument (the AppConfig), same DP-rank discovery (`moe_serving.dp_group`,
 the code the real replica runs), same bundle choice as the real engine's Ray executor gets
 (the gang's node-ordered slice with DP; the replica's own placement group, node-ordered with the
 replica's node first, without). It publishes that record in the GCS's KV store under
 `standin/<replica id>` for the test to read, and answers the ingress's calls minimally.
 
-Kept free of `moe_serving.app` imports: Serve imports this module in every stand-in replica, and
-a DeepSeek-sized layout starts 32 of them on a 2-core machine.
+Kept free of `moe_serving.app` imports: Serve imports this module in every stand-in replica,
+and a DeepSeek-sized layout starts 32 of them on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from moe_serving.protocol import ResponseHead
+
 KV_PREFIX = "standin/"
 
 
 class StandInEngine:
-    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, config: Any) -> None:  # type: ignore[misc]
         import ray
         from ray import serve
         from ray.experimental.internal_kv import _internal_kv_put
@@ -31,7 +34,7 @@ class StandInEngine:
         from moe_serving.config import AppConfig
         from moe_serving.vllm_args import ranks_per_engine
 
-        self.config = AppConfig.model_validate(config)
+        self.config: AppConfig = config
         per_engine = ranks_per_engine(self.config.engine)
         ctx = ray.get_runtime_context()
         node_id = ctx.get_node_id()
@@ -60,7 +63,7 @@ class StandInEngine:
     async def openai(
         self, kind: str, body: dict[str, Any], trace_headers: dict[str, str] | None = None
     ) -> AsyncIterator[Any]:
-        yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
+        yield ResponseHead(200, stream=False)
         yield {"object": "text_completion", "choices": [{"text": json.dumps(self.record)}]}
 
     async def models(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import oracle
 import pytest
 from two_nodes import (
     DP_NODES,
@@ -39,8 +40,6 @@ from two_nodes import (
     serve_on_two_nodes,
     tp_ep_config,
 )
-
-from moe_serving import oracle
 
 pytestmark = pytest.mark.engine
 

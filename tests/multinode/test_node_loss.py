@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import httpx
+import oracle
 import pytest
 from two_nodes import (
     MAX_TOKENS,
@@ -39,7 +40,6 @@ from two_nodes import (
 
 from moe_operator import live
 from moe_operator.status import Inputs, compute
-from moe_serving import oracle
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as rpc
 

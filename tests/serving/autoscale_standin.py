@@ -1,6 +1,6 @@
 """A cheap stand-in for the engine deployment, for autoscaling tests with many replicas.
 
-Same contract as `moe_serving.app.LLMEngine` as far as autoscaling goes: the same admission
+Same contract as `moe_serving.replica.LLMEngine` as far as autoscaling goes: the same admission
 queue (`max_ongoing` run at once, the rest wait on the replica), the same
 `record_autoscaling_stats` (through `moe_serving.autoscaling.replica_stats`) and the same
 replica-count options. No vLLM: a request holds a running slot for `hold_s` seconds, and the

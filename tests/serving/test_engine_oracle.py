@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import oracle
 import pytest
 
-from moe_serving import oracle
 from moe_serving.tinymodel import Arch
 
 pytestmark = pytest.mark.engine

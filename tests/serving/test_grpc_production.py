@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serving.config import AppConfig
+from moe_serving.protocol import ResponseHead
 
 pytestmark = pytest.mark.engine
 
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.engine
 class SwitchableEngine:
     """Answers every request; its health can be switched."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = AppConfig.model_validate(config)
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
         self.healthy = True
 
     def set_healthy(self, healthy: bool) -> None:
@@ -35,7 +36,7 @@ class SwitchableEngine:
     async def openai(
         self, kind: str, body: dict[str, Any], trace_headers: dict[str, str] | None = None
     ) -> AsyncIterator[Any]:
-        yield {"status": 200, "stream": False, "reason": "ok", "retry_after_s": None}
+        yield ResponseHead(200, stream=False)
         yield {
             "id": "x",
             "object": "text_completion",

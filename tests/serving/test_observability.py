@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from moe_serving import expert_load, metrics, tracing
 from moe_serving.config import AppConfig, TracingArgs
 from moe_serving.engine_obs import EngineObserver
+from moe_serving.protocol import ResponseHead
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -93,7 +94,7 @@ def test_engine_span_has_no_prompt_text_unless_opted_in(tmp_path: Path) -> None:
     for record in (False, True):
         observer = _observer(tmp_path, record)
         request = observer.begin("completions", {"prompt": "secret words"}, None)
-        request.event({"status": 200, "stream": False, "reason": "ok", "retry_after_s": None})
+        request.event(ResponseHead(200, stream=False))
         request.event({"choices": []})
         request.end()
     default, opted_in = _read(tmp_path / "spans.jsonl")
@@ -105,12 +106,12 @@ def test_engine_span_has_no_prompt_text_unless_opted_in(tmp_path: Path) -> None:
 def test_cancel_after_a_complete_response_is_not_a_failure(tmp_path: Path) -> None:
     observer = _observer(tmp_path, False)
     done = observer.begin("completions", {"prompt": "p"}, None)
-    done.event({"status": 200, "stream": True, "reason": "ok", "retry_after_s": None})
+    done.event(ResponseHead(200, stream=True))
     done.event("data: [DONE]\n\n")
     done.cancelled()
     done.end()
     gone = observer.begin("completions", {"prompt": "p"}, None)
-    gone.event({"status": 200, "stream": True, "reason": "ok", "retry_after_s": None})
+    gone.event(ResponseHead(200, stream=True))
     gone.cancelled()
     gone.end()
     first, second = _read(tmp_path / "spans.jsonl")

@@ -138,8 +138,9 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
 
 
 def test_requests_asking_for_tools_get_a_400_naming_the_reason() -> None:
-    from moe_serving.app import _grpc_code
     from moe_serving.engine import EngineServer
+    from moe_serving.outcomes import grpc_code
+    from moe_serving.protocol import Reason
 
     config = AppConfig(engine=EngineArgs(model="x", served_model_name="m"))
     server = EngineServer(config)
@@ -148,10 +149,10 @@ def test_requests_asking_for_tools_get_a_400_naming_the_reason() -> None:
     messages = [{"role": "user", "content": "hi"}]
     for extra in ({}, {"tool_choice": "auto"}, {"tool_choice": "required"}, {"stream": True}):
         head, body = events(server, {"messages": messages, "tools": TOOLS, **extra})
-        assert head["status"] == 400 and head["reason"] == "tools_unavailable"
+        assert head.status == 400 and head.reason == Reason.TOOLS_UNAVAILABLE
         assert reason in body["error"]["message"]
     # gRPC: the ingress maps the engine's 400 to INVALID_ARGUMENT.
-    assert _grpc_code(400, "tools_unavailable").name == "INVALID_ARGUMENT"
+    assert grpc_code(400, Reason.TOOLS_UNAVAILABLE).name == "INVALID_ARGUMENT"
     # Requests not asking for tools are not refused by it (they reach admission).
     for body_ in (
         {"messages": messages},

@@ -21,10 +21,11 @@ from typing import Any
 import grpc
 import httpx
 import openai
+import oracle
 import pytest
 from local_app import running_app
 
-from moe_serving import live_state, oracle
+from moe_serving import live_state
 from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
