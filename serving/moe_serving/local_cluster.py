@@ -149,22 +149,30 @@ class LocalCluster:
             self.nodes.append(self._start_worker(index, shape))
         return self
 
-    def _start_worker(self, index: int, shape: NodeShape) -> LocalNode:
+    def _start_worker(self, index: int, shape: NodeShape, attempts: int = 3) -> LocalNode:
         ip = f"127.0.0.{index + 2}"
-        before = _ray_pids()
-        done = self._ray(
-            "start",
-            f"--address={self.address}",
-            f"--node-ip-address={ip}",
-            "--disable-usage-stats",
-            # Each node's own agent ports (defaults would clash on one machine).
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            *shape.ray_start_args(),
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"ray start of node {ip} failed: {done.stderr[-2000:]}")
-        return LocalNode(index, ip, shape, pids=sorted(_ray_pids() - before))
+        for attempt in range(1, attempts + 1):
+            before = _ray_pids()
+            done = self._ray(
+                "start",
+                f"--address={self.address}",
+                f"--node-ip-address={ip}",
+                "--disable-usage-stats",
+                # Each node's own agent ports (defaults would clash on one machine).
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+                *shape.ray_start_args(),
+            )
+            if done.returncode == 0:
+                return LocalNode(index, ip, shape, pids=sorted(_ray_pids() - before))
+            # On a busy machine a raylet can miss `ray start`'s registration deadline ("timed
+            # out during startup"): clear what it left and start the node again.
+            if "timed out during startup" not in done.stderr or attempt == attempts:
+                break
+            for pid in sorted(_descendants(_ray_pids() - before)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        raise RuntimeError(f"ray start of node {ip} failed: {done.stderr[-2000:]}")
 
     def wait_for_nodes(self, timeout_s: float = 120) -> list[dict[str, Any]]:
         """Block until the head and every worker are alive in Ray's view (needs ray.init)."""
