@@ -274,6 +274,11 @@ class Accelerator:
     #: What NVML reports as the device name (the input of Ray's autodetection), for tests
     #: and for local clusters that declare what a real node of this kind declares.
     nvml_name: str = ""
+    #: Network bandwidth per GPU between nodes, GB/s (one GPU-direct RDMA NIC per GPU, as on
+    #: DGX-class nodes: HDR InfiniBand 200 Gb/s for A100, NDR 400 Gb/s for H100/H200;
+    #: 100 Gb/s Ethernet assumed for L40S); 0 for none. Only the all-to-all term of the
+    #: throughput estimate reads it (throughput.py).
+    interconnect_gbs: float = 0.0
 
 
 #: Prices: indicative on-demand USD per GPU-hour (public cloud list prices, late 2025); users
@@ -287,6 +292,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         node_label_value="NVIDIA-A100-SXM4-40GB",
         ray_accelerator_type="A100",
         nvml_name="NVIDIA A100-SXM4-40GB",
+        interconnect_gbs=25,
     ),
     "A100-80GB": Accelerator(
         "A100-80GB",
@@ -296,6 +302,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         node_label_value="NVIDIA-A100-SXM4-80GB",
         ray_accelerator_type="A100",
         nvml_name="NVIDIA A100-SXM4-80GB",
+        interconnect_gbs=25,
     ),
     "H100-80GB": Accelerator(
         "H100-80GB",
@@ -305,6 +312,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         node_label_value="NVIDIA-H100-80GB-HBM3",
         ray_accelerator_type="H100",
         nvml_name="NVIDIA H100 80GB HBM3",
+        interconnect_gbs=50,
     ),
     "H200-141GB": Accelerator(
         "H200-141GB",
@@ -314,6 +322,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         node_label_value="NVIDIA-H200",
         ray_accelerator_type="H200",
         nvml_name="NVIDIA H200",
+        interconnect_gbs=50,
     ),
     "L40S-48GB": Accelerator(
         "L40S-48GB",
@@ -323,6 +332,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         node_label_value="NVIDIA-L40S",
         ray_accelerator_type="L40S",
         nvml_name="NVIDIA L40S",
+        interconnect_gbs=12.5,
     ),
     # Local runs: ranks are CPU processes; memory per rank is a budget, not a device size.
     "CPU": Accelerator("CPU", 8, 50, 0.0, k8s_resource="", node_label=""),

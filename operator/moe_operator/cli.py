@@ -1,6 +1,7 @@
 """`moectl`: plan, render and run MoEDeployments.
 
 moectl plan -f x.yaml [-o table|json]   the expert-parallel layout
+moectl plan --compare -f x.yaml          every layout that fits, by cost
 moectl render -f x.yaml                 the Kubernetes objects the operator would apply
 moectl validate -f x.yaml               check a manifest
 moectl crd                              print the CRD
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from moe_operator import crdgen
 from moe_operator.api import MoEDeployment
 from moe_operator.catalog import ACCELERATORS, ARCHITECTURES
+from moe_operator.compare import Comparison, compare, table
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
 from moe_operator.render import Owner, RenderError, render
@@ -68,6 +70,16 @@ def _plan(dep: MoEDeployment) -> Plan:
 
         return prepare(dep).plan
     return plan(dep.spec)
+
+
+def _compare(dep: MoEDeployment) -> Comparison:
+    if dep.spec.model.is_local:
+        from moe_operator.local import local_spec, resolve_model
+
+        spec = local_spec(dep.spec, None, None)
+        config = json.loads((resolve_model(spec) / "config.json").read_text())
+        return compare(spec, config)
+    return compare(dep.spec)
 
 
 def plan_table(dep: MoEDeployment, p: Plan) -> str:
@@ -143,6 +155,12 @@ def _ranges(ids: list[int]) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     dep = load_manifest(args.file)
+    if args.compare:
+        c = _compare(dep)
+        print(
+            json.dumps(c.model_dump(mode="json"), indent=2) if args.output == "json" else table(c)
+        )
+        return
     p = _plan(dep)
     if args.output == "json":
         print(json.dumps(p.model_dump(mode="json"), indent=2))
@@ -246,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the expert-parallel layout of a MoEDeployment")
     p.add_argument("-f", "--file", required=True, help="MoEDeployment YAML ('-' = stdin)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="every layout that fits, with and without expert parallelism, by cost",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("render", help="print the Kubernetes objects for a MoEDeployment")

@@ -23,6 +23,8 @@ No I/O here: the caller passes a local checkpoint's `config.json` as a dict.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -314,8 +316,22 @@ def _all2all(
     return "deepep_high_throughput" if nodes > 1 and cand.dp > 1 else "allgather_reducescatter"
 
 
-def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) -> Plan:
-    """Choose the layout of one replica. Raises PlanningError saying what to change."""
+@dataclass(frozen=True)
+class _Setup:
+    """What every layout of one spec is planned against."""
+
+    spec: MoEDeploymentSpec
+    arch: Architecture
+    accel: Accelerator
+    max_len: int
+    gpn: int
+    max_nodes: int
+    fixed_tp: int | None
+    fixed_dp: int | None
+    pp: int
+
+
+def _setup(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None) -> _Setup:
     arch = resolve_architecture(spec, model_config)
     accel = ACCELERATORS[spec.resources.accelerator]
     if accel.name == "CPU":
@@ -343,34 +359,69 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         )
 
     _check_explicit_sizes(spec, arch, fixed_tp, fixed_dp, pp, max_nodes)
+    return _Setup(spec, arch, accel, max_len, gpn, max_nodes, fixed_tp, fixed_dp, pp)
 
-    best: _Candidate | None = None
-    last_problems: list[str] = []
-    for world in _world_sizes(gpn, max_nodes):
-        if fixed_tp is not None and fixed_dp is not None and world != fixed_tp * fixed_dp:
+
+def _sizes(setup: _Setup) -> Iterator[tuple[list[_Candidate], list[str]]]:
+    """Per world size, smallest first: the fitting splits and why the others do not fit."""
+    s = setup
+    for world in _world_sizes(s.gpn, s.max_nodes):
+        if s.fixed_tp is not None and s.fixed_dp is not None and world != s.fixed_tp * s.fixed_dp:
             continue
-        total = world * pp
-        if total > gpn and total % gpn:
+        total = world * s.pp
+        if total > s.gpn and total % s.gpn:
             continue  # a replica uses whole nodes once it spans more than one
-        if math.ceil(total / gpn) > max_nodes:
+        if math.ceil(total / s.gpn) > s.max_nodes:
             continue
         fitting = []
         problems = []
-        for tp, dp in _splits(world, gpn, fixed_tp, fixed_dp):
-            cand = _Candidate(arch, accel, spec, tp, dp, pp, max_len)
+        for tp, dp in _splits(world, s.gpn, s.fixed_tp, s.fixed_dp):
+            cand = _Candidate(s.arch, s.accel, s.spec, tp, dp, s.pp, s.max_len)
             if cand.problem:
-                problems.append(f"TP{tp} DP{dp} PP{pp}: {cand.problem}")
+                problems.append(f"TP{tp} DP{dp} PP{s.pp}: {cand.problem}")
             else:
                 fitting.append(cand)
+        yield fitting, problems
+
+
+def _choose(fitting: list[_Candidate]) -> _Candidate:
+    """The split with the most KV capacity (ties: more TP)."""
+    return max(fitting, key=lambda c: (c.sequences, c.tp))
+
+
+def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) -> Plan:
+    """Choose the layout of one replica. Raises PlanningError saying what to change."""
+    s = _setup(spec, model_config)
+    best: _Candidate | None = None
+    last_problems: list[str] = []
+    for fitting, problems in _sizes(s):
         # The largest size that had candidates explains best why nothing fits (a later size
         # whose splits the explicit sizes rule out has nothing to say).
         last_problems = problems or last_problems
         if fitting:
-            best = max(fitting, key=lambda c: (c.sequences, c.tp))
+            best = _choose(fitting)
             break
     if best is None:
-        raise PlanningError(_no_fit_message(spec, arch, accel, max_len, max_nodes, last_problems))
+        raise PlanningError(
+            _no_fit_message(spec, s.arch, s.accel, s.max_len, s.max_nodes, last_problems)
+        )
+    return _build(s, best)
 
+
+def layouts(
+    spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None
+) -> tuple[Plan, list[Plan]]:
+    """The chosen plan and every layout that fits (each as a Plan), smallest replicas first.
+    Raises PlanningError as `plan` does when nothing fits."""
+    chosen = plan(spec, model_config)
+    s = _setup(spec, model_config)
+    every = [_build(s, cand) for fitting, _ in _sizes(s) for cand in fitting]
+    return chosen, every
+
+
+def _build(setup: _Setup, best: _Candidate) -> Plan:
+    """The plan of one fitting layout."""
+    spec, arch, accel, max_len, gpn = setup.spec, setup.arch, setup.accel, setup.max_len, setup.gpn
     total = best.world
     nodes = math.ceil(total / gpn)
     per_node = min(total, gpn)
@@ -404,6 +455,7 @@ def plan(spec: MoEDeploymentSpec, model_config: dict[str, Any] | None = None) ->
         kv_bytes_per_token_per_gpu=best.kv_per_token_rank,
         kv_window_bytes_per_sequence_per_gpu=best.kv_window_seq_rank,
         context_tokens=min(4096, max_len),
+        nodes=nodes,
     )
     return Plan(
         architecture=arch.key,

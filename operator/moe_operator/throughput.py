@@ -8,7 +8,17 @@ Per GPU and step:
     bytes = dense_bytes / TP + expert_bytes_per_rank * touched_fraction + kv_bytes_read
 
 (kv_bytes_read: full-attention layers over the whole context, sliding layers over their window)
-    step_time = bytes / (HBM bandwidth * efficiency)
+    step_time = bytes / (HBM bandwidth * efficiency) + all_to_all_time
+
+All-to-all across nodes (EP over more than one node only): every MoE layer sends each token's
+hidden state to its k experts and the results back (dispatch + combine, bf16 activations); with
+routing spread evenly, (nodes - 1) / nodes of that leaves the node. A DP rank's TP ranks share
+its batch, so per GPU and step:
+
+    a2a_bytes = 2 * k * hidden * 2 bytes * moe_layers * B / TP * (nodes - 1) / nodes
+    all_to_all_time = a2a_bytes / (inter-node bandwidth per GPU * efficiency)
+
+added to the memory time (no overlap assumed). Traffic within a node (NVLink) is left out.
     tokens/s per replica = B * DP / step_time
 
 This is an upper bound on a healthy deployment (no compute, communication or scheduling cost);
@@ -34,13 +44,19 @@ class ThroughputEstimate:
     step_time_s: float
     output_tokens_per_s: float
     touched_expert_fraction: float
+    all_to_all_s: float = 0.0
 
     @property
     def assumption(self) -> str:
+        comms = (
+            "inter-node all-to-all at the same efficiency, no compute cost"
+            if self.all_to_all_s
+            else "no compute or communication cost"
+        )
         return (
             f"decode roofline: {self.batch_per_dp_rank} sequences per DP rank of "
             f"{self.context_tokens} tokens context, {self.efficiency:.0%} of HBM bandwidth, "
-            "no compute or communication cost"
+            + comms
         )
 
 
@@ -59,6 +75,7 @@ def decode_roofline(
     batch: int = 64,
     context_tokens: int = 4096,
     efficiency: float = 0.5,
+    nodes: int = 1,
 ) -> ThroughputEstimate:
     """Upper-bound decode tokens/s of one replica."""
     tokens_per_step = batch * dp
@@ -75,7 +92,11 @@ def decode_roofline(
     ) * batch
     per_gpu = (dense_bytes + expert_bytes * touched) / pp + kv_read
     bandwidth = accel.hbm_bandwidth_gbs * 1e9 * efficiency
-    step = per_gpu / bandwidth
+    a2a = 0.0
+    if ep > 1 and nodes > 1 and accel.interconnect_gbs > 0:
+        sent = 2 * k * arch.hidden_size * 2 * arch.num_moe_layers * batch / tp
+        a2a = sent * (nodes - 1) / nodes / (accel.interconnect_gbs * 1e9 * efficiency)
+    step = per_gpu / bandwidth + a2a
     return ThroughputEstimate(
         batch_per_dp_rank=batch,
         context_tokens=context_tokens,
@@ -84,6 +105,7 @@ def decode_roofline(
         step_time_s=step,
         output_tokens_per_s=tokens_per_step / step if step > 0 else 0.0,
         touched_expert_fraction=touched,
+        all_to_all_s=a2a,
     )
 
 
