@@ -342,6 +342,9 @@ class AutoscalingSpec(ApiModel):
 # ------------------------------------------------------------------------------------- serving
 
 #: Engine args the planner owns: setting them by hand would contradict the plan.
+#: `spec.serving.perExpertMetrics: auto` exports per-expert series up to this many per replica.
+PER_EXPERT_SERIES_AUTO_MAX = 4096
+
 PLANNER_OWNED_ENGINE_ARGS = frozenset(
     {
         "tensor_parallel_size",
@@ -421,6 +424,15 @@ class ServingSpec(ApiModel):
         description=(
             "When set, the OpenAI paths and every gRPC method require this key as "
             "'Authorization: Bearer <key>' (HTTP header or gRPC metadata)."
+        ),
+    )
+    per_expert_metrics: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Export tokens per (MoE layer, expert) as Prometheus series (layers x experts per "
+            "replica: ~15k for DeepSeek-V3). auto: on up to "
+            f"{PER_EXPERT_SERIES_AUTO_MAX} series. Bounded imbalance series (per layer: max/mean "
+            "over EP ranks and experts, top experts) are exported either way."
         ),
     )
 
@@ -702,6 +714,14 @@ class MoEDeploymentStatus(ApiModel):
         description=(
             "Live USD per million output tokens: hourly price of the serving replicas divided "
             "by the observed output rate (absent while idle)."
+        ),
+    )
+    expert_imbalance: float | None = Field(
+        None,
+        description=(
+            "Worst MoE layer's max / mean tokens over the EP ranks of an engine (1.0 = even), "
+            "over the replicas' last minute of routing; absent without expert parallelism "
+            "traffic. Read on the live-state interval."
         ),
     )
     ray_service: str | None = Field(None, description="Name of the owned RayService.")

@@ -235,6 +235,12 @@ def crd() -> dict[str, Any]:
                             "priority": 1,
                         },
                         {
+                            "name": "Imbalance",
+                            "type": "number",
+                            "jsonPath": ".status.expertImbalance",
+                            "priority": 1,
+                        },
+                        {
                             "name": "Accelerator",
                             "type": "string",
                             "jsonPath": ".spec.resources.accelerator",

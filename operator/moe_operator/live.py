@@ -42,6 +42,8 @@ class Sample:
     #: optional features served without, (feature, reason) sorted; None: not reported (a
     #: serving image older than the report)
     unavailable: tuple[tuple[str, str], ...] | None = None
+    #: worst engine's worst-layer max/mean over its EP ranks in the last window; None: none
+    expert_imbalance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class LiveStatus:
     output_tokens_per_second: float | None
     cost_per_million_tokens: float | None
     unavailable: tuple[tuple[str, str], ...] | None = None  # as in Sample
+    expert_imbalance: float | None = None  # rounded to 2 decimals (written only on change)
 
 
 def parse(body: Any) -> Sample:
@@ -76,6 +79,7 @@ def parse(body: Any) -> Sample:
             generated_tokens_total=int(load["generated_tokens_total"]),
             replica_ids=tuple(str(r) for r in load.get("replica_ids") or ()),
             unavailable=_unavailable(body.get("unavailable")),
+            expert_imbalance=_opt_float(load.get("expert_imbalance")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BadState(f"malformed state body: {err!r}") from err
@@ -91,6 +95,10 @@ def _unavailable(value: Any) -> tuple[tuple[str, str], ...] | None:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _sig(value: float, digits: int = 3) -> float:
@@ -130,6 +138,9 @@ def summarize(
         output_tokens_per_second=None if rate is None else _sig(rate),
         cost_per_million_tokens=None if cost is None else _sig(cost),
         unavailable=current.unavailable,
+        expert_imbalance=(
+            None if current.expert_imbalance is None else round(current.expert_imbalance, 2)
+        ),
     )
 
 

@@ -74,6 +74,7 @@ class Plan(BaseModel):
     family: str
     accelerator: str
     num_experts: int
+    num_moe_layers: int
     experts_per_token: int
     expert_parallel_size: int
     tensor_parallel_size: int
@@ -462,6 +463,7 @@ def _build(setup: _Setup, best: _Candidate) -> Plan:
         family=arch.family,
         accelerator=spec.resources.accelerator,
         num_experts=arch.num_experts,
+        num_moe_layers=arch.num_moe_layers,
         experts_per_token=arch.experts_per_token,
         expert_parallel_size=best.ep,
         tensor_parallel_size=best.tp,

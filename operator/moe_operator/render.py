@@ -39,6 +39,7 @@ from moe_operator.api import (
     LABEL_DEPLOYMENT,
     LABEL_MANAGED_BY,
     MANAGED_BY,
+    PER_EXPERT_SERIES_AUTO_MAX,
     MoEDeploymentSpec,
 )
 from moe_operator.catalog import ACCELERATORS
@@ -237,7 +238,16 @@ def app_config(
         tracing=tracing_args,
         api_key_env="MOE_API_KEY" if spec.serving.api_key_secret_ref else None,
         hourly_cost_per_replica_usd=plan.hourly_cost_per_replica,
+        per_expert_metrics=per_expert_metrics(spec, plan),
     )
+
+
+def per_expert_metrics(spec: MoEDeploymentSpec, plan: Plan) -> bool:
+    """`spec.serving.perExpertMetrics`, with auto resolved by the series it would make."""
+    choice = spec.serving.per_expert_metrics
+    if choice != "auto":
+        return choice == "on"
+    return plan.num_moe_layers * plan.num_experts <= PER_EXPERT_SERIES_AUTO_MAX
 
 
 def serve_config(owner: Owner, spec: MoEDeploymentSpec, plan: Plan) -> dict[str, Any]:

@@ -48,6 +48,7 @@ OWNED_KEYS = (
     "servingReplicas",
     "outputTokensPerSecond",
     "costPerMillionTokens",
+    "expertImbalance",
     "rayService",
 )
 
@@ -288,6 +289,8 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
             status["outputTokensPerSecond"] = live.output_tokens_per_second
         if live.cost_per_million_tokens is not None:
             status["costPerMillionTokens"] = live.cost_per_million_tokens
+        if live.expert_imbalance is not None:
+            status["expertImbalance"] = live.expert_imbalance
     return status
 
 

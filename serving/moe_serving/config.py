@@ -137,6 +137,13 @@ class AppConfig(_Strict):
             "None: no cost series."
         ),
     )
+    per_expert_metrics: bool = Field(
+        True,
+        description=(
+            "Export moe_expert_tokens_total{layer,expert} (MoE layers x experts series); the "
+            "bounded imbalance series are exported either way."
+        ),
+    )
 
 
 #: What a Serve config (RayService serveConfigV2 or a local run) points at.

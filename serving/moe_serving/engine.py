@@ -237,7 +237,11 @@ class EngineServer:
         )
 
     def live_report(
-        self, replica: str, node: str | None = None, dp_rank: int | None = None
+        self,
+        replica: str,
+        node: str | None = None,
+        dp_rank: int | None = None,
+        engine_group: str | None = None,
     ) -> live_state.Report:
         """This replica's load and counters for the application's live state."""
         return live_state.report(
@@ -248,6 +252,8 @@ class EngineServer:
             node=node,
             dp_rank=dp_rank,
             unavailable=self.unavailable,
+            engine_group=engine_group,
+            expert_window=metrics.expert_window(),
         )
 
     def metrics_text(self) -> str:

@@ -82,7 +82,9 @@ class EngineObserver:
         )
         self.metrics = metrics.engine_metrics(self.model)
         if self.expert_load_dir is not None:
-            metrics.register_expert_load(self.expert_load_dir, self.model)
+            metrics.register_expert_load(
+                self.expert_load_dir, self.model, self.config.per_expert_metrics
+            )
         self.parallel = {
             "moe.parallel.tp": engine.tensor_parallel_size,
             "moe.parallel.dp": engine.data_parallel_size,

@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
+from moe_serving import imbalance
+
 #: How often an engine replica reports.
 REPORT_INTERVAL_S = 2.0
 #: A report this old no longer counts (several missed intervals).
@@ -34,10 +36,14 @@ def report(
     node: str | None = None,
     dp_rank: int | None = None,
     unavailable: Mapping[str, str] | None = None,
+    engine_group: str | None = None,
+    expert_window: Mapping[str, int] | None = None,
 ) -> Report:
     """One engine replica's report: its queue depth and counters since it started, where it
     runs (node IP; DP rank when it is one rank of a data-parallel group), and the optional
-    features its checkpoint cannot support (feature -> reason, moe_serving.parser_support)."""
+    features its checkpoint cannot support (feature -> reason, moe_serving.parser_support); the
+    engine it belongs to (`engine_group`: the DP group's gang id, else the replica) and its
+    ranks' tokens per MoE layer in the last window (`expert_window`: "layer:rank" -> tokens)."""
     return {
         "replica": replica,
         "node": node,
@@ -50,6 +56,8 @@ def report(
         "generated_tokens_total": int(generated_tokens),
         "requests_total": int(requests),
         "unavailable": dict(unavailable or {}),
+        "engine_group": engine_group or replica,
+        "expert_window": {str(k): int(v) for k, v in (expert_window or {}).items()},
     }
 
 
@@ -66,7 +74,28 @@ def aggregate(reports: Mapping[str, Report], now: float) -> dict[str, Any]:
         "generated_tokens_total": sum(r["generated_tokens_total"] for r in fresh),
         "requests_total": sum(r["requests_total"] for r in fresh),
         "replica_ids": sorted(str(r["replica"]) for r in fresh),
+        "expert_imbalance": expert_imbalance(fresh),
     }
+
+
+def expert_imbalance(fresh: list[Report]) -> float | None:
+    """The worst engine's worst-layer max/mean over its EP ranks (moe_serving.imbalance), its
+    ranks' window counts merged over the replicas of the engine (one per DP rank); None when no
+    engine counted tokens on more than one rank."""
+    groups: dict[str, dict[tuple[int, int], int]] = {}
+    for r in fresh:
+        merged = groups.setdefault(str(r.get("engine_group") or r["replica"]), {})
+        for key, n in (r.get("expert_window") or {}).items():
+            layer, rank = (int(x) for x in str(key).split(":"))
+            merged[(layer, rank)] = merged.get((layer, rank), 0) + int(n)
+    worst: float | None = None
+    for counts in groups.values():
+        if len({rank for _, rank in counts}) < 2:
+            continue  # one EP rank: nothing to balance
+        ratio, _ = imbalance.rank_imbalance(counts)
+        if ratio is not None:
+            worst = ratio if worst is None else max(worst, ratio)
+    return worst
 
 
 def unavailable(reports: Mapping[str, Report], now: float) -> dict[str, str]:

@@ -67,12 +67,14 @@ class LLMEngine:
         replica = str(ctx.replica_id.unique_id)
         node = ray.util.get_node_ip_address()
         dp_rank = self.dp_rank.rank if self.dp_rank is not None else None
+        # The ranks of one engine: a DP group's replicas are one engine for expert imbalance.
+        group = self.dp_rank.gang_id if self.dp_rank is not None else replica
         board = None
         while True:
             try:
                 if board is None:
                     board = live_state.board(ctx.app_name)
-                await board.put.remote(self.server.live_report(replica, node, dp_rank))
+                await board.put.remote(self.server.live_report(replica, node, dp_rank, group))
                 # For the ingress's /metrics: every replica's series, not only the answering one's.
                 await board.put_metrics.remote(replica, self.server.metrics_text())
             except asyncio.CancelledError:

@@ -137,7 +137,7 @@ def test_expert_counts_per_rank_sum_to_tokens_times_topk(tmp_path: Path) -> None
     assert load.by_expert[(1, 0)] == 1 and load.by_expert[(1, 1)] == 0
 
     registry = CollectorRegistry()
-    registry.register(metrics.ExpertLoadCollector(tmp_path, "m"))
+    registry.register(metrics.ExpertLoadCollector(tmp_path, "m", per_expert=True))
     text = generate_latest(registry).decode()
     assert 'moe_ep_rank_tokens_total{ep_rank="1",model="m"} 5.0' in text
     assert 'moe_expert_tokens_total{expert="3",layer="0",model="m"} 2.0' in text
@@ -183,6 +183,11 @@ _EXPORTED = {
     "moe_engine_prompt_tokens_total",
     "moe_ep_rank_tokens_total",
     "moe_expert_tokens_total",
+    "moe_ep_imbalance_worst",
+    "moe_ep_imbalance_step_lost_fraction",
+    "moe_layer_expert_imbalance",
+    "moe_layer_rank_imbalance",
+    "moe_layer_hot_expert_share",
     "moe_serving_replicas",
     "moe_replica_queue_depth",
     "moe_replica_requests",

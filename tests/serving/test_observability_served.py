@@ -324,6 +324,35 @@ def test_expert_load_counts_every_routed_token_on_both_ep_ranks(served: Served) 
     assert sum(float(v) for v in _EXPERT.findall(text)) == sum(after.values())
 
 
+def test_bounded_imbalance_signals_and_live_state(served: Served) -> None:
+    """After routed traffic (the test above), the per-layer imbalance series cover every MoE
+    layer, the replica's worst layer is >= 1, and GET /v1/moe/state carries the engine's
+    worst-layer imbalance for the operator's status (moe_serving.imbalance)."""
+    config = json.loads((served.model_dir / "config.json").read_text())
+    layers = config.get("text_config", config)["num_hidden_layers"]
+    served.client().completions.create(
+        model=MODEL, prompt="imbalance " + secrets.token_hex(4), max_tokens=4, temperature=0
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        text = served.metrics()
+        rank = re.findall(
+            r'^moe_layer_rank_imbalance\{[^}]*layer="(\d+)"[^}]*\} (\S+)$', text, re.M
+        )
+        worst = re.search(r"^moe_ep_imbalance_worst\{[^}]*\} (\S+)$", text, re.M)
+        load = httpx.get(f"{served.http}/v1/moe/state", timeout=30).json()["load"]
+        if len({layer for layer, _ in rank}) == layers and worst and load["expert_imbalance"]:
+            break
+        assert time.monotonic() < deadline, (rank, worst, load)
+        time.sleep(1)
+    assert all(float(v) >= 1.0 for _, v in rank)
+    assert float(worst.group(1)) >= 1.0
+    assert load["expert_imbalance"] >= 1.0
+    hot = re.findall(r'^moe_layer_hot_expert_share\{[^}]*place="1"[^}]*\} (\S+)$', text, re.M)
+    assert len(hot) == layers and all(0 < float(v) <= 1 for v in hot)
+    print(f"\nworst-layer EP imbalance {worst.group(1)}, live {load['expert_imbalance']}")
+
+
 def test_request_metrics(served: Served) -> None:
     text = served.metrics()
     ok = re.search(r'^moe_engine_requests_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', text, re.M)
