@@ -35,7 +35,9 @@ class EngineCall:
     def refusal(self) -> ClientError:
         """The engine's refusal (a head and an error body) as the ingress's error."""
         message = grpc_api.error_message(self.body) or "request failed"
-        return ClientError(self.head.status, message, reason=self.head.reason)
+        return ClientError(
+            self.head.status, message, self.head.retry_after_s, reason=self.head.reason
+        )
 
 
 class IngressBase:

@@ -21,21 +21,27 @@ from moe_serving.outcomes import (
     abort_grpc_with,
     engine_failures,
     grpc_code,
+    refuse_grpc,
 )
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.protocol import Kind
 
-#: gRPC generation RPCs answered in one message: the kind of request and its conversions.
-_UNARY: dict[str, tuple[Kind, Callable[[Any], dict[str, Any]], Callable[[Any], Any]]] = {
+#: gRPC generation RPCs answered in one message: the kind of request, its conversions and its
+#: response type.
+_UNARY: dict[
+    str, tuple[Kind, Callable[[Any], dict[str, Any]], Callable[[Any], Any], Callable[[], Any]]
+] = {
     "Complete": (
         "completions",
         lambda raw: grpc_api.completion_body(decode(raw, pb.CompleteRequest)),
         grpc_api.completion_response,
+        pb.CompleteResponse,
     ),
     "Chat": (
         "chat",
         lambda raw: grpc_api.chat_body(decode(raw, pb.ChatRequest)),
         grpc_api.chat_response,
+        pb.ChatResponse,
     ),
 }
 
@@ -50,7 +56,7 @@ class GrpcFront(IngressBase):
         return await self._grpc_unary("Chat", request, grpc_context)
 
     async def _grpc_unary(self, method: str, request: Any, grpc_context: Any) -> Any:
-        kind, to_body, to_response = _UNARY[method]
+        kind, to_body, to_response, empty = _UNARY[method]
         started = time.monotonic()
         span = self.tracing.request_span(
             "grpc", method, tracing.grpc_carrier(grpc_context), self.model_name
@@ -69,6 +75,11 @@ class GrpcFront(IngressBase):
         except ClientError as exc:
             code = grpc_code(exc.status, exc.reason).name
             self.metrics.observe("grpc", method, code, started, span)
+            if exc.retry_after_s and grpc_context is not None:
+                # A retryable refusal with a hint: its status and `grpc-retry-pushback-ms` go
+                # out with an empty response (raising would lose the trailer; `refuse_grpc`).
+                refuse_grpc(grpc_context, exc)
+                return empty()
             abort_grpc_with(grpc_context, exc)
         self.metrics.observe("grpc", method, "OK", started, span)
         return to_response(call.body)
