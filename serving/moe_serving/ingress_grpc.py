@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from moe_serving import grpc_api, tracing
+from moe_serving import grpc_api, hops, tracing
 from moe_serving.grpc_servicer import SERVICE as SERVICE_NAME
 from moe_serving.grpc_servicer import UndecodableRequest, decode
 from moe_serving.ingress_base import IngressBase
@@ -56,6 +56,8 @@ class GrpcFront(IngressBase):
         return await self._grpc_unary("Chat", request, grpc_context)
 
     async def _grpc_unary(self, method: str, request: Any, grpc_context: Any) -> Any:
+        if hops.ENABLED:
+            hops.mark("ingress.in")
         kind, to_body, to_response, empty = _UNARY[method]
         started = time.monotonic()
         span = self.tracing.request_span(
@@ -82,11 +84,16 @@ class GrpcFront(IngressBase):
                 return empty()
             abort_grpc_with(grpc_context, exc)
         self.metrics.observe("grpc", method, "OK", started, span)
-        return to_response(call.body)
+        response = to_response(call.body)
+        if hops.ENABLED:
+            hops.mark("ingress.out")
+        return response
 
     async def Generate(
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateChunk]:
+        if hops.ENABLED:
+            hops.mark("ingress.in")
         started = time.monotonic()
         code = "OK"
         call = None
@@ -119,6 +126,8 @@ class GrpcFront(IngressBase):
                 raise call.refusal()
             async with engine_failures(deadline, self.timeout_s):
                 async for chunk in call.events:
+                    if hops.ENABLED:
+                        hops.mark("ingress.chunk")
                     for payload in grpc_api.parse_sse(chunk):
                         failure = grpc_api.error_message(payload)
                         if failure is not None:
