@@ -71,7 +71,8 @@ class GrpcFront(IngressBase):
                 raise ClientError(400, str(exc)) from exc
             self._check_model(body)
             call = await self.call_engine(kind, body, span, time.monotonic() + self.timeout_s)
-            call.events.cancel()  # its one body is read
+            # Its one body is read and the engine's generator ends by itself: no cancel (as
+            # over HTTP). A cancel here cost about 0.9 ms per call (bench/PROFILE.md).
             if call.head.status != 200:
                 raise call.refusal()
         except ClientError as exc:
