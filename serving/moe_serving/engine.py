@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from moe_serving import cpu_ray, live_state, metrics, parser_support, tool_choice
+from moe_serving import cpu_ray, hops, live_state, metrics, parser_support, tool_choice
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
@@ -274,10 +274,14 @@ class EngineServer:
         self, kind: Kind, body: dict[str, Any], trace_headers: dict[str, str] | None = None
     ) -> AsyncIterator[Event]:
         """`_openai` observed: one `moe.engine` span (child of `trace_headers`) and metrics."""
+        if hops.ENABLED:
+            hops.mark("engine.in")
         request = self.observer.begin(kind, body, trace_headers)
         try:
             async for event in self._openai(kind, body, request):
                 request.event(event)
+                if hops.ENABLED:
+                    hops.mark("engine.yield")
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             request.cancelled()

@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from moe_serving import expert_load, metrics, tracing
+from moe_serving import expert_load, hops, metrics, tracing
 from moe_serving.config import AppConfig
 from moe_serving.protocol import ResponseHead
 
@@ -211,8 +211,18 @@ class EngineRequest:
                 )
 
     async def watch(self, outputs: AsyncIterator[Any], delta: bool) -> AsyncIterator[Any]:
+        if hops.ENABLED:
+            hops.mark("vllm.generate")
         async for out in outputs:
             self.output(out, delta)
+            if hops.ENABLED:
+                hops.mark("vllm.output")
+                stats = getattr(out, "metrics", None)
+                if out.finished and stats is not None:
+                    # vLLM's own clock: its arrival and first token (wall time).
+                    hops.mark("vllm.arrival", at_ns=int(stats.arrival_time * 1e9))
+                    first = stats.arrival_time + getattr(stats, "first_token_latency", 0.0)
+                    hops.mark("vllm.first_token", at_ns=int(first * 1e9))
             yield out
 
     # ---- end ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ template, sampling): a gRPC request becomes an OpenAI body, and the engine's Ope
 from __future__ import annotations
 
 import json
+from importlib import resources
 from typing import Any
 
 from moe_serving.proto import inference_pb2 as pb
@@ -253,3 +254,27 @@ def models_response(body: dict[str, Any]) -> pb.ListModelsResponse:
             for m in body.get("data", [])
         ]
     )
+
+
+# ---- Client side -----------------------------------------------------------------------------
+
+#: The gRPC service config recommended to clients (`proto/client_service_config.json`; README
+#: "gRPC clients"): generation RPCs retried on UNAVAILABLE / RESOURCE_EXHAUSTED (the server's
+#: retryable refusals) with exponential backoff, the server's `grpc-retry-pushback-ms` hint
+#: taking the place of the backoff when it sends one (gRFC A6), up to 5 attempts, and a
+#: deadline (`timeout`) per call covering all attempts (600 s, the server's default request
+#: timeout; a shorter per-call `timeout=` wins). `grpc.health.v1.Health/Watch` has no deadline.
+CLIENT_SERVICE_CONFIG: dict[str, Any] = json.loads(
+    resources.files("moe_serving.proto").joinpath("client_service_config.json").read_text()
+)
+
+
+def client_channel_options(
+    config: dict[str, Any] | None = None,
+) -> list[tuple[str, Any]]:
+    """Channel options that apply `config` (default `CLIENT_SERVICE_CONFIG`), e.g.
+    `grpc.insecure_channel(target, options=client_channel_options())`."""
+    return [
+        ("grpc.service_config", json.dumps(CLIENT_SERVICE_CONFIG if config is None else config)),
+        ("grpc.enable_retries", 1),
+    ]

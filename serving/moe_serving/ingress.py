@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
-from moe_serving import live_state
+from moe_serving import hops, live_state
 from moe_serving.config import ENGINE_DEPLOYMENT
 from moe_serving.ingress_base import EngineCall
 from moe_serving.ingress_grpc import GrpcFront
@@ -153,6 +153,8 @@ class Ingress(GrpcFront):
         return await self._http_openai("chat", request)
 
     async def _http_openai(self, kind: Kind, request: Request) -> Response:
+        if hops.ENABLED:
+            hops.mark("ingress.in")
         started = time.monotonic()
         endpoint = f"/v1/{'completions' if kind == 'completions' else 'chat/completions'}"
         span = self.tracing.request_span("http", endpoint, request.headers, self.model_name)
@@ -174,7 +176,10 @@ class Ingress(GrpcFront):
         if not head.stream:
             self.metrics.observe("http", endpoint, str(head.status), started, span)
             headers = retry_headers(head.retry_after_s)
-            return JSONResponse(call.body, status_code=head.status, headers=headers)
+            response = JSONResponse(call.body, status_code=head.status, headers=headers)
+            if hops.ENABLED:
+                hops.mark("ingress.out")
+            return response
         return StreamingResponse(
             self._sse(call, endpoint, started, span),
             media_type="text/event-stream",
@@ -188,6 +193,8 @@ class Ingress(GrpcFront):
         try:
             async with engine_failures(started + self.timeout_s, self.timeout_s):
                 async for chunk in call.events:
+                    if hops.ENABLED:
+                        hops.mark("ingress.chunk")
                     yield chunk
         except ClientError as exc:  # the status is sent: the error goes in the stream
             code = str(exc.status)

@@ -16,7 +16,7 @@ from typing import Any, cast
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from moe_serving import body_checks, grpc_api, live_state, schemas, tracing
+from moe_serving import body_checks, grpc_api, hops, live_state, schemas, tracing
 from moe_serving.config import ENGINE_DEPLOYMENT, AppConfig
 from moe_serving.metrics import IngressMetrics
 from moe_serving.outcomes import ClientError, engine_failures, grpc_metadata
@@ -35,7 +35,9 @@ class EngineCall:
     def refusal(self) -> ClientError:
         """The engine's refusal (a head and an error body) as the ingress's error."""
         message = grpc_api.error_message(self.body) or "request failed"
-        return ClientError(self.head.status, message, reason=self.head.reason)
+        return ClientError(
+            self.head.status, message, self.head.retry_after_s, reason=self.head.reason
+        )
 
 
 class IngressBase:
@@ -107,6 +109,8 @@ class IngressBase:
                         retry_after_s=5,
                         reason=Reason.NO_REPLICA,
                     )
+                if hops.ENABLED:
+                    hops.mark("ingress.call")
                 gen = cast(
                     DeploymentResponseGenerator[Any],
                     self.engine.options(stream=True).openai.remote(
@@ -119,7 +123,11 @@ class IngressBase:
                     raise ClientError(
                         503, f"server busy: {exc}", retry_after_s=1, reason=Reason.QUEUE_FULL
                     ) from exc
+                if hops.ENABLED:
+                    hops.mark("ingress.head")
                 payload = None if head.stream else await gen.__anext__()
+                if hops.ENABLED and payload is not None:
+                    hops.mark("ingress.body")
         except ClientError:
             if gen is not None:
                 gen.cancel()

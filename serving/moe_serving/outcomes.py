@@ -121,6 +121,35 @@ def abort_grpc_with(grpc_context: Any, exc: ClientError) -> NoReturn:
     abort_grpc(grpc_context, grpc_code(exc.status, exc.reason), str(exc))
 
 
+#: gRPC's retry pushback (gRFC A6 "client retries", grpc/proposal A6-client-retries.md,
+#: "Pushback"): trailing metadata telling a client whose service config has a retry policy how
+#: many milliseconds to wait before its next attempt (a negative or unparsable value: do not
+#: retry). grpcio's core reads this key (it is in `grpc/_cython/cygrpc*.so`).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def retry_pushback(retry_after_s: int | None) -> list[tuple[str, str]]:
+    """The pushback trailer for a Retry-After of `retry_after_s` seconds (none without one)."""
+    return [(RETRY_PUSHBACK_KEY, str(int(retry_after_s * 1000)))] if retry_after_s else []
+
+
+def refuse_grpc(grpc_context: Any, exc: ClientError) -> None:
+    """Set the code and details of `exc` and its retry pushback on the call, without raising:
+    the caller then returns an empty response.
+
+    Why not raise: Ray Serve 2.60's gRPC proxy copies a deployment's context (code, details,
+    trailing metadata) onto the client's call only together with a returned or yielded result
+    (`RayServegRPCContext._set_on_grpc_context`); for a raised exception it keeps the code and
+    details only (`Replica._maybe_wrap_grpc_exception`), so the pushback would be lost. A
+    unary call with a non-OK code set ends as that status; its empty message is not delivered.
+    """
+    grpc_context.set_code(grpc_code(exc.status, exc.reason))
+    grpc_context.set_details(str(exc))
+    pushback = retry_pushback(exc.retry_after_s)
+    if pushback:
+        grpc_context.set_trailing_metadata(pushback)
+
+
 def grpc_metadata(grpc_context: Any, key: str) -> str | None:
     if grpc_context is None:
         return None

@@ -1,6 +1,8 @@
 """gRPC for production clients, over a real socket to Ray Serve's gRPC proxy: the standard
 `grpc.health.v1.Health` service (what Kubernetes gRPC probes, grpc_health_probe and meshes
-call; protocol: grpc/grpc doc/health-checking.md).
+call; protocol: grpc/grpc doc/health-checking.md), and the client service config's retries
+honouring the server's `grpc-retry-pushback-ms` (gRFC A6; `tests/serving/test_grpc_retry.py`
+has the same without Ray).
 
 The engine deployment is a stand-in (no model: what is tested is the front end), inside the real
 application (`moe_serving.app.build`: same ingress, same deployment options) on a real local
@@ -17,25 +19,44 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_serving import grpc_api
 from moe_serving.config import AppConfig
-from moe_serving.protocol import ResponseHead
+from moe_serving.outcomes import RETRY_PUSHBACK_KEY
+from moe_serving.proto import inference_pb2 as pb
+from moe_serving.proto import inference_pb2_grpc as rpc
+from moe_serving.protocol import Reason, Refusal, ResponseHead
 
 pytestmark = pytest.mark.engine
 
 
 class SwitchableEngine:
-    """Answers every request; its health can be switched."""
+    """Answers every request; its health can be switched, and it can refuse the next requests
+    as the real replica does when its queue is full (`moe_serving.engine`)."""
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.healthy = True
+        self.refusals = 0
+        self.requests = 0
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
 
+    def refuse_next(self, n: int) -> None:
+        self.refusals, self.requests = n, 0
+
+    def requests_seen(self) -> int:
+        return self.requests
+
     async def openai(
         self, kind: str, body: dict[str, Any], trace_headers: dict[str, str] | None = None
     ) -> AsyncIterator[Any]:
+        self.requests += 1
+        if self.refusals > 0:
+            self.refusals -= 1
+            for event in Refusal(503, Reason.QUEUE_FULL, "replica queue full", 1).events():
+                yield event
+            return
         yield ResponseHead(200, stream=False)
         yield {
             "id": "x",
@@ -111,3 +132,23 @@ def test_standard_health_service(served: tuple[str, Any]) -> None:
         unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
         assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         unknown.cancel()
+
+
+def test_retry_pushback_through_serve_proxy(served: tuple[str, Any]) -> None:
+    """A queue-full refusal reaches the client as RESOURCE_EXHAUSTED with the pushback trailer
+    (Retry-After 1 s = 1000 ms), and the shipped client config retries it to success."""
+    target, engine = served
+    request = pb.CompleteRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=1))
+    engine.refuse_next.remote(1).result()
+    no_retries = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    with no_retries as channel, pytest.raises(grpc.RpcError) as err:
+        rpc.InferenceServiceStub(channel).Complete(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (RETRY_PUSHBACK_KEY, "1000") in tuple(err.value.trailing_metadata() or ())
+    assert engine.requests_seen.remote().result() == 1
+
+    engine.refuse_next.remote(2).result()
+    with grpc.insecure_channel(target, options=grpc_api.client_channel_options()) as channel:
+        response = rpc.InferenceServiceStub(channel).Complete(request, timeout=60)
+    assert response.choices[0].text == "ok"
+    assert engine.requests_seen.remote().result() == 3  # two refusals retried by grpcio
