@@ -215,6 +215,30 @@ class EPLBSpec(ApiModel):
     )
     window_size: int = Field(1000, ge=1, description="Forward steps of routing statistics kept.")
     step_interval: int = Field(3000, ge=1, description="Forward steps between two rebalances.")
+    mode: Literal["manual", "auto"] = Field(
+        "manual",
+        description=(
+            "manual: EPLB as set here. auto: the operator watches status.expertImbalance and, "
+            "while EPLB is off, recommends it (condition EPLBRecommended and an Event, with a "
+            "redundantExperts count from the observed load) when the imbalance stays at or "
+            "above imbalanceThreshold for sustainSeconds; it does not change the spec itself."
+        ),
+    )
+    imbalance_threshold: float = Field(
+        1.3,
+        gt=1.0,
+        le=100.0,
+        description="auto: worst-layer max/mean over EP ranks that counts as imbalanced.",
+    )
+    sustain_seconds: int = Field(
+        600, ge=0, le=86_400, description="auto: how long the imbalance must persist."
+    )
+    min_interval_seconds: int = Field(
+        3600,
+        ge=0,
+        le=604_800,
+        description="auto: least time between two changes of the recommendation.",
+    )
 
 
 All2AllBackend = Literal[

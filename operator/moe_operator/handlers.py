@@ -31,9 +31,18 @@ from typing import Any
 
 import kopf
 
-from moe_operator import kube, live_poller, settings
-from moe_operator.api import GROUP, LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from moe_operator import eplb_advisor, kube, live_poller, settings
+from moe_operator.api import (
+    GROUP,
+    LABEL_DEPLOYMENT,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    PLURAL,
+    VERSION,
+    MoEDeploymentSpec,
+)
 from moe_operator.children import CHILDREN, MANAGED_SELECTOR, RAY_SERVICE
+from moe_operator.planner import Plan
 from moe_operator.reconcile import Outcome, owner_of, parse, reconcile
 from moe_operator.render import serving_base_url
 from moe_operator.runtime import OWNER_INDEX, Obj, Runtime, lookup, plain
@@ -138,6 +147,21 @@ async def start_live_state(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     rt.poller_task = asyncio.get_running_loop().create_task(rt.poller.run(), name="moe-live-state")
 
 
+def eplb_settings(spec: MoEDeploymentSpec, chosen: Plan) -> eplb_advisor.Settings | None:
+    """The EPLB advisor's inputs for `eplb.mode: auto`, else None."""
+    eplb = spec.parallelism.eplb
+    if eplb.mode != "auto":
+        return None
+    return eplb_advisor.Settings(
+        threshold=eplb.imbalance_threshold,
+        sustain_s=eplb.sustain_seconds,
+        min_interval_s=eplb.min_interval_seconds,
+        num_experts=chosen.num_experts,
+        ep=chosen.expert_parallel_size,
+        eplb_enabled=eplb.enabled,
+    )
+
+
 def _live_targets(rt: Runtime) -> list[live_poller.Target]:
     """Deployments whose RayService is ready and whose spec plans (from the caches)."""
     owners = rt.indexes.get(OWNER_INDEX)
@@ -163,6 +187,7 @@ def _live_targets(rt: Runtime) -> list[live_poller.Target]:
                 key=key,
                 url=live_poller.url_for(rt.config, key[1], key[0], base),
                 hourly_cost_per_replica=chosen.hourly_cost_per_replica,
+                eplb=eplb_settings(spec, chosen),
             )
         )
     return targets

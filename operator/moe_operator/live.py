@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from moe_operator.eplb_advisor import Advice
 from moe_operator.throughput import cost_per_million_tokens
 
 #: Major version of the `/v1/moe/state` body this operator understands.
@@ -57,6 +58,7 @@ class LiveStatus:
     cost_per_million_tokens: float | None
     unavailable: tuple[tuple[str, str], ...] | None = None  # as in Sample
     expert_imbalance: float | None = None  # rounded to 2 decimals (written only on change)
+    eplb_advice: Advice | None = None  # eplb.mode auto (eplb_advisor); None: not advising
 
 
 def parse(body: Any) -> Sample:

@@ -11,6 +11,7 @@ no API write while nothing changes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from moe_operator import kube, live, settings
+from moe_operator import eplb_advisor, kube, live, settings
 
 log = logging.getLogger("moe_operator.live")
 
@@ -46,6 +47,7 @@ class Target:
     key: OwnerKey
     url: str
     hourly_cost_per_replica: float
+    eplb: eplb_advisor.Settings | None = None  # spec.parallelism.eplb.mode auto
 
 
 @dataclass
@@ -57,6 +59,7 @@ class LivePoller:
     changed: Callable[[OwnerKey], None]
     samples: dict[OwnerKey, live.Sample] = field(default_factory=dict)
     status: dict[OwnerKey, live.LiveStatus] = field(default_factory=dict)
+    trackers: dict[OwnerKey, eplb_advisor.Tracker] = field(default_factory=dict)
     session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
@@ -128,6 +131,10 @@ class LivePoller:
             self._forget(target.key)
             return
         value = live.summarize(self.samples.get(target.key), sample, target.hourly_cost_per_replica)
+        if target.eplb is not None:
+            tracker = self.trackers.setdefault(target.key, eplb_advisor.Tracker())
+            advice = eplb_advisor.observe(tracker, target.eplb, sample.time, value.expert_imbalance)
+            value = dataclasses.replace(value, eplb_advice=advice)
         self.samples[target.key] = sample
         if self.status.get(target.key) != value:
             self.status[target.key] = value
@@ -135,6 +142,7 @@ class LivePoller:
 
     def _forget(self, key: OwnerKey) -> None:
         self.samples.pop(key, None)
+        self.trackers.pop(key, None)
         if self.status.pop(key, None) is not None:
             self.changed(key)
 

@@ -63,6 +63,6 @@ def parse_quantity(value: str | int | float) -> float:
     assert match is not None
     number = Decimal(match.group(1))
     suffix = match.group(3) or ""
-    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+    if suffix not in _SUFFIX:  # an exponent ("e3", "E-2"); "E" and "Ei" are suffixes
         return float(number * Decimal(10) ** int(suffix[1:]))
     return float(number * _SUFFIX[suffix])

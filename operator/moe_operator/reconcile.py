@@ -284,6 +284,13 @@ def _status(ctx: Context, previous: Obj | None) -> Obj:
         upgrade_strategy=spec.upgrade_strategy if spec is not None else "NewCluster",
         tool_calling=bool(chosen is not None and chosen.tool_call_parser),
         reasoning=bool(chosen is not None and chosen.reasoning_parser),
+        eplb_auto=bool(
+            spec is not None
+            and chosen is not None
+            and spec.parallelism.eplb.mode == "auto"
+            and not spec.parallelism.eplb.enabled
+            and chosen.expert_parallel_size > 1
+        ),
     )
     return status_mod.compute(inputs, previous)
 
@@ -306,3 +313,18 @@ async def _report(ctx: Context) -> None:
         return
     await ctx.api.patch_status(OWNER, meta["namespace"], meta["name"], patch)
     ctx.outcome.writes.append("patch status")
+    _announce_eplb(ctx, previous, patch)
+
+
+def _announce_eplb(ctx: Context, previous: Obj | None, patch: Obj) -> None:
+    """An Event when the EPLB recommendation turns on (the condition carries it after)."""
+
+    def recommended(status: Obj | None) -> Obj | None:
+        for c in (status or {}).get("conditions") or []:
+            if c.get("type") == status_mod.EPLB_CONDITION and c.get("status") == "True":
+                return c
+        return None
+
+    now = recommended(patch)
+    if now is not None and recommended(previous) is None:
+        ctx.event("Normal", "EPLBRecommended", str(now.get("message", "")))

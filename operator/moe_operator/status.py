@@ -85,6 +85,7 @@ class Inputs:
     upgrade_strategy: str = "NewCluster"
     tool_calling: bool = False  # the plan configures a tool-call parser
     reasoning: bool = False  # the plan configures a reasoning parser
+    eplb_auto: bool = False  # spec.parallelism.eplb.mode auto, EP > 1, EPLB off
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,20 @@ def _feature_conditions(inputs: Inputs) -> list[tuple[str, bool | None, str, str
     return out
 
 
+def _eplb_condition(live: LiveStatus | None) -> tuple[str, bool | None, str, str]:
+    """`EPLBRecommended` under eplb.mode auto, from the advisor's reading of the live state."""
+    advice = live.eplb_advice if live is not None else None
+    if advice is None:
+        return (EPLB_CONDITION, None, "NotObserved", "no expert imbalance observed yet")
+    if advice.recommend:
+        return (EPLB_CONDITION, True, "ExpertImbalance", advice.message)
+    return (EPLB_CONDITION, False, "Balanced", advice.message)
+
+
+#: Condition of the EPLB advisor (moe_operator.eplb_advisor).
+EPLB_CONDITION = "EPLBRecommended"
+
+
 def _condition(
     ctype: str,
     status: bool | None,
@@ -261,6 +276,8 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
             degraded = (False, "AsExpected", "")
         conds = [("Ready", *ready), ("Progressing", *progressing), ("Degraded", *degraded)]
         conds += _feature_conditions(inputs)
+        if inputs.eplb_auto:
+            conds.append(_eplb_condition(inputs.live))
 
     status: Obj = {
         "observedGeneration": inputs.generation,

@@ -228,3 +228,15 @@ def test_generated_specs_get_the_same_verdict(changes: dict[str, Any]) -> None:
         if "Invalid value" in problem and '"object"' in problem:  # a rule on an object
             message = problem.split('"object": ', 1)[1]
             assert message in python, (problem, python)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1Ei", 2.0**60), ("2E", 2e18), ("1e3", 1e3), ("3E-2", 0.03), ("64Gi", 64 * 2.0**30)],
+)
+def test_exa_suffixes_are_not_exponents(text: str, value: float) -> None:
+    """`E` / `Ei` are suffixes (quantity.go); an `e`/`E` followed by digits is an exponent.
+    hypothesis found "1Ei" read as the exponent "Ei"."""
+    from moe_operator.quantity import parse_quantity
+
+    assert parse_quantity(text) == pytest.approx(value)
