@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serving.config import AppConfig
 from moe_serving.protocol import ResponseHead
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -66,14 +67,13 @@ def served() -> Iterator[tuple[str, Any]]:
 
     from moe_serving.app import ENGINE_DEPLOYMENT, build
     from moe_serving.local import serve_options
-    from moe_serving.local_cluster import _free_port
 
     # Replicas import this module's stand-in by value (tests/ is not on their path).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = AppConfig.model_validate(
         {"engine": {"model": "none", "served_model_name": "tiny-moe"}, "request_timeout_s": 60}
     )
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     ray.init(include_dashboard=False, log_to_driver=False, namespace="grpc-production")
     try:
         serve.start(**serve_options(http_port, grpc_port, host="127.0.0.1"))

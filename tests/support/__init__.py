@@ -10,6 +10,11 @@ another folder; no test module imports another test module.
 * waiting.py: `wait_until` (poll a probe until its value is good; fail with the last value),
   `poll_until` (the same, without failing), `wait_for_items` and `change_under_load` (client
   threads filling a list), `eventually` (the asyncio twin of `wait_until`).
+* appconfig.py: `tiny_app_config`, the AppConfig the served-app tests deploy on a tiny
+  checkpoint.
+* served.py: `Served` (a deployed app: HTTP base URL, gRPC target, its config, clients) and
+  `running_app` (a Ray cluster in this process serving one app).
+* oracle.py: transformers' greedy decoding, what the served engine must answer.
 * The Kubernetes API emulator and the operator run against it: kube_emulator.py (kmock's
   emulator extended), k8s_schema.py (CRD structural schemas as kube-apiserver applies them),
   webhook_rules.py (the API server's checks of a webhook configuration), operator_harness.py
