@@ -33,7 +33,7 @@ import pytest
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
 from tests.support.appconfig import tiny_app_config
-from tests.support.served import Served, running_app
+from tests.support.served import Served, full_queue, running_app
 from tests.support.waiting import change_under_load, poll_until, wait_until
 
 from .conftest import Report, Row
@@ -734,26 +734,8 @@ def test_disconnects_and_deadlines_free_engine_slots(served: Served, report: Rep
         if n != outcomes_before.get(outcome, 0)
     }
     # No admission slot leaked: 2 + 2 long streams fill the engine and the queue again.
-    release = threading.Event()
-    statuses: list[int] = []
-
-    def hold() -> None:
-        with (
-            httpx.Client(timeout=120) as client,
-            client.stream(
-                "POST", f"{served.http}/v1/completions", json=long_body, headers=headers
-            ) as response,
-        ):
-            statuses.append(response.status_code)
-            release.wait(120)
-
-    with ExitStack() as stack:
-        threads = [threading.Thread(target=hold) for _ in range(MAX_ONGOING + MAX_QUEUED)]
-        for thread in threads:
-            thread.start()
-            stack.callback(thread.join, 150)
-        stack.callback(release.set)
-        served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
+    with full_queue(served, long_body, MAX_ONGOING, MAX_QUEUED, headers) as statuses:
+        pass  # filled: the replica reported them running and queued
     served.wait_depth(lambda d: d["total"] == 0)
     final = http_call(served.http, "/v1/completions", body=_completion(4))
     channel.close()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from moe_serving import live_state
 from moe_serving.proto import inference_pb2 as pb
 from tests.support import oracle
 from tests.support.appconfig import tiny_app_config
-from tests.support.served import Served, running_app
+from tests.support.served import Served, full_queue, running_app
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
@@ -385,24 +383,8 @@ def test_full_queue_answers_503_and_resource_exhausted(served: Served) -> None:
         "ignore_eos": True,
         "stream": True,
     }
-    release = threading.Event()
-    statuses: list[int] = []
-
-    def hold_one() -> None:
-        with httpx.stream(
-            "POST", f"{served.http}/v1/completions", json=body, timeout=120
-        ) as response:
-            statuses.append(response.status_code)
-            release.wait(120)
-
-    with ExitStack() as stack:
-        threads = [threading.Thread(target=hold_one) for _ in range(MAX_ONGOING + MAX_QUEUED)]
-        for thread in threads:
-            thread.start()
-            stack.callback(thread.join)
-        stack.callback(release.set)
-        # Two requests run in vLLM and two wait in the replica's queue: it is full.
-        served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
+    # Two requests run in vLLM and two wait in the replica's queue: it is full.
+    with full_queue(served, body, MAX_ONGOING, MAX_QUEUED) as statuses:
         # The operator's view of the same load (what goes into status.queueDepth).
         wait_live(
             served, lambda load: load["waiting"] == MAX_QUEUED and load["running"] == MAX_ONGOING

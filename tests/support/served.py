@@ -1,10 +1,12 @@
-"""A deployed application as the served-app tests reach it, and the in-process way to deploy
-one: a Ray cluster in this process, Serve's HTTP and gRPC proxies on free loopback ports."""
+"""A deployed application as the served-app tests reach it, the in-process way to deploy one (a
+Ray cluster in this process, Serve's HTTP and gRPC proxies on free loopback ports), and a full
+admission queue."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -103,3 +105,34 @@ def running_app(
         if served is None or not served.stopped:
             serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def full_queue(
+    served: Served,
+    body: dict[str, Any],
+    running: int,
+    queued: int,
+    headers: dict[str, str] | None = None,
+) -> Iterator[list[int]]:
+    """`running + queued` long streamed completions (`body`) held open until the block ends:
+    the engine runs `running` of them, the replica queues the rest; yields their status codes.
+    Returns once the replica reports exactly that, and lets the streams go at the end."""
+    release = threading.Event()
+    statuses: list[int] = []
+
+    def hold() -> None:
+        with httpx.stream(
+            "POST", f"{served.http}/v1/completions", json=body, headers=headers, timeout=120
+        ) as response:
+            statuses.append(response.status_code)
+            release.wait(120)
+
+    with ExitStack() as stack:
+        for _ in range(running + queued):
+            thread = threading.Thread(target=hold)
+            thread.start()
+            stack.callback(thread.join, 150)
+        stack.callback(release.set)
+        served.wait_depth(lambda d: d["in_engine"] == running and d["queued"] == queued)
+        yield statuses
