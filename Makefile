@@ -56,7 +56,7 @@ proto: install
 	$(PY) -m moe_serving.grpc_codegen
 
 bench: install
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 # Needs only a Docker engine (not .venv): the images install the project themselves.
 images:

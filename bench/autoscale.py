@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen import OpenAIClient, Workload, run_load
+from .loadgen import OpenAIClient, Workload, run_load
 
 BENCH = Path(__file__).resolve().parent
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loadgen import GrpcChunk
-
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
+
+from .loadgen import GrpcChunk
 
 
 def stub_factory(channel: Any) -> Any:

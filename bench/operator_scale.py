@@ -1,13 +1,13 @@
 """Operator scale: converge N MoEDeployments against the Kubernetes API emulator.
 
-The emulator is the one the operator's tests use (tests/operator/kube_emulator.py: kmock's
+The emulator is the one the operator's tests use (tests/support/kube_emulator.py: kmock's
 emulator with server-side apply, resourceVersion/generation, subresources, GC), served on
 127.0.0.1 in this process. The operator is the real one, `kopf run -m moe_operator.handlers`,
 in its own subprocess (so its RSS is its own), logging in from a kubeconfig that points at the
 emulator. KubeRay cannot run here; the tests' stand-in (`operator_harness.KubeRay`) writes the
 RayService status as KubeRay would.
 
-This module is written against the current interface of tests/operator/ (ApiServer, KINDS,
+This module is written against the current interface of tests/support/ (ApiServer, KINDS,
 MOED, RAYSERVICES/SERVICES/PDBS, `operator_calls`, `KubeRay.serve`, `mixtral`). If those
 change, this is the place to follow them.
 
@@ -35,19 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kmock
 import psutil
 import yaml
 
+from moe_operator.api import LABEL_DEPLOYMENT
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import KINDS, MOED, KubeRay, mixtral
+
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "tests" / "operator"
-if str(HARNESS) not in sys.path:
-    sys.path.insert(0, str(HARNESS))
-
-import kmock  # noqa: E402
-import kube_emulator as em  # noqa: E402
-from operator_harness import KINDS, MOED, KubeRay, mixtral  # noqa: E402
-
-from moe_operator.api import LABEL_DEPLOYMENT  # noqa: E402
 
 NS = "bench"
 CHILDREN_PER_OWNER = 4  # RayService, HTTP and gRPC Services, PodDisruptionBudget

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import stats
+
+from . import stats
 
 BASELINE = "vllm"
 LABELS = {
@@ -103,8 +104,13 @@ def machine_facts(root: Path) -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The exact command of this run (`make bench` when make started it)."""
-    cmd = shlex.join([sys.executable, *sys.argv])
+    """The exact command of this run (`make bench` when make started it); a module run as
+    `python -m` (bench.run) is named as such, not by its file."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        cmd = shlex.join([sys.executable, "-m", spec.name, *sys.argv[1:]])
+    else:
+        cmd = shlex.join([sys.executable, *sys.argv])
     return f"make bench  # ran: {cmd}" if os.environ.get("MAKELEVEL") else cmd
 
 

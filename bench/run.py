@@ -1,6 +1,6 @@
 """`make bench`: measure us against the systems a user would pick instead, on this machine.
 
-    .venv/bin/python bench/run.py [--quick] [--only serving,ep,autoscaling,operator]
+    .venv/bin/python -m bench.run [--quick] [--only serving,ep,autoscaling,operator]
 
 Sections, in order, one system at a time (only one engine may run on this machine):
   serving      bare vLLM (baseline), Ray Serve LLM, ours over HTTP and over gRPC: a
@@ -36,17 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import report  # noqa: E402
-import stats  # noqa: E402
-from loadgen import (  # noqa: E402
+from . import report, stats
+from .loadgen import (
     GrpcClient,
     OpenAIClient,
     Sender,
@@ -54,7 +45,7 @@ from loadgen import (  # noqa: E402
     Workload,
     run_load,
 )
-from systems import (  # noqa: E402
+from .systems import (
     CpuMeter,
     EngineSettings,
     Ours,
@@ -64,6 +55,12 @@ from systems import (  # noqa: E402
     VllmServer,
     foreign_engines,
 )
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+# No model hub: the checkpoints are local (before anything imports transformers).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SECTIONS = ("serving", "ep", "autoscaling", "operator")
 PORTS = {"vllm": 8100, "ray-serve-llm": 8200, "ours": 8300, "ours-grpc": 9300}
@@ -173,7 +170,7 @@ def http_opener(model: str, tok: Tokenizer | None) -> Opener:
 
 def grpc_opener(model: str, app: str, tok: Tokenizer | None) -> Opener:
     async def open_(running: Running, stack: contextlib.AsyncExitStack) -> SenderFactory:
-        from grpc_target import InferenceAdapter, stub_factory
+        from .grpc_target import InferenceAdapter, stub_factory
 
         assert running.grpc_address is not None
         adapter = InferenceAdapter(model, application=app)
@@ -418,7 +415,7 @@ AUTOSCALE_MAX_NUM_SEQS = 4
 def run_autoscaling(
     settings: EngineSettings, plan: Plan, work: Path, results: dict[str, Any]
 ) -> None:
-    import autoscale
+    from . import autoscale
 
     # Two replicas must fit on 2 cores: one rank each, no expert parallelism. The queue the
     # policy reads is requests *waiting* (router + vLLM scheduler), so the engine runs at most
@@ -476,7 +473,7 @@ def run_autoscaling(
 
 
 def run_operator(plan: Plan, work: Path, results: dict[str, Any]) -> None:
-    import operator_scale
+    from . import operator_scale
 
     points = asyncio.run(operator_scale.run_scale(plan.operator_ns, work / "operator"))
     results["operator"] = [p.as_dict() for p in points]
@@ -489,7 +486,9 @@ def run_operator(plan: Plan, work: Path, results: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="fewer requests and objects")
     parser.add_argument(
         "--rounds",

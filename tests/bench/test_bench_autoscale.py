@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoscale import Point, analyze, direction_changes, timeline
+from bench.autoscale import Point, analyze, direction_changes, timeline
 
 
 def line(t: float, **deps: dict[str, Any]) -> dict[str, Any]:

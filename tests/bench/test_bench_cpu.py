@@ -12,7 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from systems import CpuMeter, ProcessTree, read_proc_cpu
+
+from bench.systems import CpuMeter, ProcessTree, read_proc_cpu
+from tests.support.waiting import wait_until
 
 #: Burns `seconds` of CPU, writes this process's whole CPU time (os.times) to `out`, then
 #: sleeps `linger` seconds before exiting (so an orphan is still seen after its work).
@@ -43,12 +45,13 @@ def test_read_proc_cpu_of_this_process() -> None:
 
 
 def _wait_for(path: Path, meter: CpuMeter, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear")
-        meter.sample()
-        time.sleep(0.05)
+    def appeared() -> bool:
+        if path.exists():
+            return True
+        meter.sample()  # the tree is sampled while it works
+        return False
+
+    wait_until(appeared, timeout_s, 0.05, f"{path} did not appear")
 
 
 def test_cpu_of_a_shell_and_its_children_reaped_inside_and_outside(tmp_path: Path) -> None:

@@ -17,9 +17,8 @@ pytest.importorskip(
     reason="moe_serving's generated gRPC stubs are missing (run `make proto`)",
 )
 
-from grpc_target import InferenceAdapter, stub_factory
-from loadgen import GrpcClient, Workload, run_load
-
+from bench.grpc_target import InferenceAdapter, stub_factory
+from bench.loadgen import GrpcClient, Workload, run_load
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
 

@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 import pytest
 from fake_openai import FakeState, fake_openai
-from loadgen import (
+
+from bench.loadgen import (
     Api,
     GrpcChunk,
     GrpcClient,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from operator_scale import measure
+from bench.operator_scale import measure
 
 
 async def test_two_deployments_converge_and_a_restart_writes_nothing(tmp_path: Path) -> None:

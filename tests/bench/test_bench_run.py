@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import report
-import run
-import stats
-from test_bench_systems import stub
+from stub_system import stub
+
+from bench import report, run, stats
 
 MODEL = "tiny-moe"
 KEY_OF = {

@@ -7,7 +7,8 @@ import math
 import random
 
 import pytest
-from stats import (
+
+from bench.stats import (
     Interval,
     LaunchGroup,
     expanded_tail,

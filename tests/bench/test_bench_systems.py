@@ -10,48 +10,22 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-from systems import (
+from stub_system import Stub, stub
+
+from bench.systems import (
     EngineSettings,
     LaunchError,
-    System,
     VllmServer,
     foreign_engines,
     role_of,
 )
-
-STUB = Path(__file__).with_name("stub_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Stub(System):
-    flags: tuple[str, ...] = ()
-
-    def command(self, workdir: Path) -> list[str]:
-        return [sys.executable, str(STUB), "--port", str(self.http_port), *self.flags]
-
-
-def stub(flags: tuple[str, ...] = (), **kw: float) -> Stub:
-    return Stub(
-        name="stub",
-        settings=EngineSettings(model_dir=Path("/nonexistent")),
-        http_port=free_port(),
-        flags=flags,
-        ready_timeout_s=kw.get("ready_timeout_s", 60.0),
-        stop_grace_s=kw.get("stop_grace_s", 10.0),
-    )
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 
 def gone(pids: list[int]) -> bool:
@@ -139,14 +113,12 @@ def test_foreign_engine_processes_are_detected() -> None:
         [sys.executable, "-c", "import time; time.sleep(60)", "/fake/raylet"],
     )
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            found = foreign_engines()
-            if any(line.startswith(f"{proc.pid}:") for line in found):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the fake raylet was not detected")
+        wait_until(
+            lambda: any(line.startswith(f"{proc.pid}:") for line in foreign_engines()),
+            10,
+            0.05,
+            "the fake raylet was not detected",
+        )
         assert not any(line.startswith(f"{proc.pid}:") for line in foreign_engines({proc.pid}))
     finally:
         proc.kill()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import kubernetes_validate
 
-from .helm_render import KUBE_VERSION, Obj
+from tests.support.helm_render import KUBE_VERSION, Obj
 
 CLUSTER_SCOPED = frozenset(
     {

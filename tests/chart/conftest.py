@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helm_render import helm_binary
+from tests.support.helm_render import helm_binary
 
 
 @pytest.fixture(autouse=True)

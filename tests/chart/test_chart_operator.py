@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 import yaml
 
-from .helm_render import CHART, VALUE_SETS, Obj, by_kind, one, operator_container, render
+from tests.support.helm_render import (
+    CHART,
+    VALUE_SETS,
+    Obj,
+    by_kind,
+    one,
+    operator_container,
+    render,
+)
 
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 HOOK = "post-install,post-upgrade"

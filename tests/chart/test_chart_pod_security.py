@@ -8,8 +8,8 @@ from typing import cast
 
 import pytest
 
-from .helm_render import VALUE_SETS, Obj, one, render
-from .pod_security import pod_template, restricted_violations
+from tests.support.helm_render import VALUE_SETS, Obj, one, render
+from tests.support.pod_security import pod_template, restricted_violations
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

@@ -15,9 +15,18 @@ from moe_operator.api import MoEDeploymentSpec
 from moe_operator.planner import plan
 from moe_operator.render import Owner
 from moe_operator.render import render as render_children
+from tests.support.helm_render import (
+    NAMESPACE,
+    ROOT,
+    VALUE_SETS,
+    Obj,
+    by_kind,
+    crd_files,
+    one,
+    render,
+)
 
 from .checks import all_rules, rule_problems
-from .helm_render import NAMESPACE, ROOT, VALUE_SETS, Obj, by_kind, crd_files, one, render
 
 Grants = dict[tuple[str, str], set[str]]
 

@@ -10,8 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .checks import CLUSTER_SCOPED, validate_object
-from .helm_render import (
+from tests.support.helm_render import (
     CHART,
     KUBE_VERSION,
     NAMESPACE,
@@ -22,6 +21,8 @@ from .helm_render import (
     run_helm,
     template,
 )
+
+from .checks import CLUSTER_SCOPED, validate_object
 
 # Namespaced kinds the chart places outside the release namespace: one per watched namespace.
 PER_WATCHED_NAMESPACE = {"Role", "RoleBinding", "KopfPeering"}

@@ -10,8 +10,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from .checks import CLUSTER_SCOPED, all_rules, rule_problems, validate_object
-from .helm_render import (
+from tests.support.helm_render import (
     CHART,
     INSTALL_YAML,
     KUBE_VERSION,
@@ -22,7 +21,9 @@ from .helm_render import (
     crd_files,
     parse_documents,
 )
-from .pod_security import pod_template, restricted_violations
+from tests.support.pod_security import pod_template, restricted_violations
+
+from .checks import CLUSTER_SCOPED, all_rules, rule_problems, validate_object
 
 needs_crd = pytest.mark.skipif(
     not crd_files(),

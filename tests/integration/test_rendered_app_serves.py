@@ -35,6 +35,7 @@ from moe_operator.planner import plan
 from moe_operator.render import Owner, ray_service
 from moe_operator.status import Inputs, compute
 from moe_serving import live_state
+from tests.support.waiting import change_under_load, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -82,20 +83,16 @@ def ray_head() -> Iterator[str]:
     assert started.returncode == 0, started.stderr[-2000:]
     base = f"http://127.0.0.1:{DASHBOARD}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if (
-                    httpx.get(
-                        f"{base}/api/serve/applications/", headers=AUTH, timeout=10
-                    ).status_code
-                    == 200
-                ):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Ray dashboard's Serve API never came up"
-            time.sleep(1)
+        wait_until(
+            lambda: (
+                httpx.get(f"{base}/api/serve/applications/", headers=AUTH, timeout=10).status_code
+                == 200
+            ),
+            120,
+            1,
+            "the Ray dashboard's Serve API never came up",
+            ignore=(httpx.HTTPError,),
+        )
         yield base
     finally:
         _ray("stop", "--force")
@@ -136,18 +133,25 @@ def _deploy(dashboard: str, serve_config: dict[str, Any]) -> dict[str, Any]:
     )
     assert put.status_code == 200, put.text
     wanted = serve_config["applications"][0]["args"]
-    deadline = time.monotonic() + 420
-    state: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def running() -> tuple[dict[str, Any], bool]:
         state = httpx.get(f"{dashboard}/api/serve/applications/", headers=AUTH, timeout=30).json()
         app = (state.get("applications") or {}).get("moe") or {}
         status = app.get("status")
         deployed = (app.get("deployed_app_config") or {}).get("args")
         if status == "RUNNING" and deployed == wanted:
-            return state
+            return state, True
         assert status not in ("DEPLOY_FAILED", "UNHEALTHY"), json.dumps(state)[-3000:]
-        time.sleep(1)
-    pytest.fail(f"app never reached RUNNING: {json.dumps(state)[-3000:]}")
+        return state, False
+
+    state, _ = wait_until(
+        running,
+        420,
+        1,
+        lambda last: f"app never reached RUNNING: {json.dumps(last[0])[-3000:]}",
+        ok=lambda found: found[1],
+    )
+    return state
 
 
 def test_rendered_serve_config_deploys_serves_and_reports_ready(
@@ -281,18 +285,8 @@ def test_config_change_rolls_under_load_without_failed_requests(
     for thread in threads:
         thread.start()
     try:
-        deadline = time.monotonic() + 120
-        while len(outcomes) < 4:  # load is flowing before the change
-            assert time.monotonic() < deadline, outcomes
-            time.sleep(0.2)
-        before = len(outcomes)
-        _deploy(ray_head, new)
-        during = len(outcomes) - before
-        settled = len(outcomes)
-        deadline = time.monotonic() + 120
-        while len(outcomes) < settled + 4:  # and after it, on the new replicas
-            assert time.monotonic() < deadline, outcomes[-5:]
-            time.sleep(0.2)
+        # Load flows before the change, during it and after it, on the new replicas.
+        during, _ = change_under_load(outcomes, lambda: _deploy(ray_head, new))
     finally:
         stop.set()
         for thread in threads:

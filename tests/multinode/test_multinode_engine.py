@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import oracle
 import pytest
 from two_nodes import (
     DP_NODES,
     MAX_TOKENS,
     TP_NODES,
-    Served,
     completion_tokens,
     dp_ep_config,
     serve_on_two_nodes,
     tp_ep_config,
 )
+
+from tests.support import oracle
+from tests.support.served import Served
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.engine
 
@@ -49,13 +50,12 @@ PROMPTS = ["The expert router sends", "hello world, the cluster", "a b c"]
 def rank_nodes(base: str, want: int = 2, timeout_s: float = 30) -> dict[int, str]:
     """DP rank -> node IP of each engine replica, from the app's live state (GET /v1/moe/state:
     every engine replica reports where it runs)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def where() -> dict[int, str]:
         engines = httpx.get(f"{base}/v1/moe/state", timeout=30).json()["engines"]
-        where = {int(e["dp_rank"]): str(e["node"]) for e in engines if e["dp_rank"] is not None}
-        if len(where) >= want or time.monotonic() > deadline:
-            return where
-        time.sleep(1)
+        return {int(e["dp_rank"]): str(e["node"]) for e in engines if e["dp_rank"] is not None}
+
+    return poll_until(where, timeout_s, 1, ok=lambda found: len(found) >= want)
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +87,23 @@ def assert_equals_transformers(app: Served, model_dir: Path) -> None:
 
 def ep_rank_tokens(base: str, timeout_s: float = 30) -> dict[str, float]:
     """EP rank -> tokens counted (moe_ep_rank_tokens_total), once both ranks have counted some."""
-    deadline = time.monotonic() + timeout_s
-    ranks: dict[str, float] = {}
-    while time.monotonic() < deadline:
+
+    def counted() -> dict[str, float]:
         text = httpx.get(f"{base}/metrics", timeout=30).text
-        ranks = {}
+        ranks: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith("moe_ep_rank_tokens_total{"):
                 rank = re.search(r'ep_rank="(\d+)"', line)
                 assert rank
                 ranks[rank.group(1)] = ranks.get(rank.group(1), 0.0) + float(line.split()[-1])
-        if set(ranks) == {"0", "1"} and all(v > 0 for v in ranks.values()):
-            break
-        time.sleep(2)
-    return ranks
+        return ranks
+
+    return poll_until(
+        counted,
+        timeout_s,
+        2,
+        ok=lambda ranks: set(ranks) == {"0", "1"} and all(v > 0 for v in ranks.values()),
+    )
 
 
 def tp_rank_nodes() -> dict[int, str]:

@@ -27,11 +27,9 @@ from typing import Any
 
 import grpc
 import httpx
-import oracle
 import pytest
 from two_nodes import (
     MAX_TOKENS,
-    Served,
     completion_tokens,
     dp_ep_config,
     greedy_reply,
@@ -42,6 +40,9 @@ from moe_operator import live
 from moe_operator.status import Inputs, compute
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as rpc
+from tests.support import oracle
+from tests.support.served import Served
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.engine
 
@@ -156,7 +157,9 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
     async def load_then_kill() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
         progress: list[dict[str, Any]] = [{"chunks": 0} for _ in range(4)]
         http = [asyncio.create_task(_http_stream(app.http, progress[i])) for i in range(2)]
-        rpcs = [asyncio.create_task(_grpc_stream(app.grpc, progress[2 + i])) for i in range(2)]
+        rpcs = [
+            asyncio.create_task(_grpc_stream(app.grpc_target, progress[2 + i])) for i in range(2)
+        ]
         # Kill once every stream is under way (and far from its 480 tokens).
         async with asyncio.timeout(CLIENT_BOUND_S):
             while any(p["chunks"] < 10 for p in progress):
@@ -181,11 +184,7 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
 
     # The replica is gone: the state says so, the operator reports 0 ready, and new
     # requests are refused at once.
-    deadline = time.monotonic() + 120
-    state = _state(app.http)
-    while state["replicas"]["running"] != 0 and time.monotonic() < deadline:
-        time.sleep(1)
-        state = _state(app.http)
+    state = poll_until(lambda: _state(app.http), 120, 1, ok=lambda s: s["replicas"]["running"] == 0)
     assert state["replicas"]["running"] == 0, state
     detected = time.monotonic() - killed
     assert _operator_ready_replicas(state) == 0
@@ -197,7 +196,7 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
     )
     assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
     assert time.monotonic() - started < 30  # refused, not held until the deadline
-    with grpc.insecure_channel(app.grpc) as channel:
+    with grpc.insecure_channel(app.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as err:
             rpc.InferenceServiceStub(channel).Complete(
                 pb.CompleteRequest(model="tiny-moe", prompt="x"), timeout=60
@@ -205,23 +204,20 @@ def test_node_lost_under_load_then_back(served: tuple[Served, Path]) -> None:
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
     # No vLLM process is left on either node.
-    deadline = time.monotonic() + 60
-    while _vllm_processes() and time.monotonic() < deadline:
-        time.sleep(1)
+    poll_until(_vllm_processes, 60, 1, ok=lambda left: not left)
     assert _vllm_processes() == []
 
     # The node comes back: the gang is placed again and serves the same tokens.
     back = time.monotonic()
     app.cluster.restart_node(1)
-    deadline = time.monotonic() + 600
-    got: list[int] | None = None
-    while time.monotonic() < deadline:
+
+    def answer() -> httpx.Response:
         reply = greedy_reply(app.http, prompt_ids, timeout=120)
-        if reply.status_code == 200:
-            got = reply.json()["choices"][0]["token_ids"]
-            break
-        assert reply.status_code == 503, reply.text
-        time.sleep(3)
+        assert reply.status_code in (200, 503), reply.text
+        return reply
+
+    reply = poll_until(answer, 600, 3, ok=lambda r: r.status_code == 200)
+    got = reply.json()["choices"][0]["token_ids"] if reply.status_code == 200 else None
     recovered = time.monotonic() - back
     assert got == expected
     assert _operator_ready_replicas(_state(app.http)) == 1

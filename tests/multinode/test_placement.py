@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +45,9 @@ from standin_engine import KV_PREFIX
 
 from moe_operator.api import MoEDeployment
 from moe_operator.planner import Plan, plan
-from moe_serving.local_cluster import LocalCluster, _free_port
+from moe_serving.local_cluster import LocalCluster
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -113,16 +114,21 @@ def _deploy(dashboard: str, config: dict[str, Any], auth: dict[str, str]) -> dic
     # With token auth, as the rendered RayService asks KubeRay for (authOptions.mode: token).
     put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, headers=auth, timeout=60)
     assert put.status_code == 200, put.text
-    deadline = time.monotonic() + 600
-    state: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def status() -> tuple[dict[str, Any], Any]:
         state = httpx.get(f"{dashboard}/api/serve/applications/", headers=auth, timeout=30).json()
         app = (state.get("applications") or {}).get("moe") or {}
-        if app.get("status") == "RUNNING":
-            return state
         assert app.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), json.dumps(app)[-3000:]
-        time.sleep(2)
-    pytest.fail(f"the application never became RUNNING: {json.dumps(state)[-3000:]}")
+        return state, app.get("status")
+
+    state, _ = wait_until(
+        status,
+        600,
+        2,
+        lambda last: f"the application never became RUNNING: {json.dumps(last[0])[-3000:]}",
+        ok=lambda found: found[1] == "RUNNING",
+    )
+    return state
 
 
 def _records() -> list[dict[str, Any]]:
@@ -182,8 +188,8 @@ def placed(
         app["import_path"] = "standin_app:build_app"
         assert serve_config["proxy_location"] == "EveryNode"
         serve_config["proxy_location"] = "HeadOnly"
-        serve_config["http_options"]["port"] = _free_port()
-        serve_config["grpc_options"]["port"] = _free_port()
+        serve_config["http_options"]["port"] = free_port()
+        serve_config["grpc_options"]["port"] = free_port()
         assert cluster.dashboard_url is not None
         state = _deploy(cluster.dashboard_url, serve_config, cluster.auth_headers)
         yield the_plan, _replicas(_records()), state, cluster

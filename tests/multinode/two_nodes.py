@@ -9,55 +9,42 @@ from pathlib import Path
 import httpx
 
 from moe_serving.config import AppConfig
-from moe_serving.local_cluster import LocalCluster, NodeShape, _free_port
+from moe_serving.local_cluster import LocalCluster, NodeShape
+from tests.support.appconfig import tiny_app_config
+from tests.support.ports import free_port
+from tests.support.served import Served
 
 MAX_TOKENS = 8
 
 
 def dp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
-    return AppConfig.model_validate(
-        {
-            "deployment_name": name,
-            "engine": {
-                "model": str(model_dir),
-                "served_model_name": "tiny-moe",
-                "dtype": "float32",
-                "max_model_len": 512,
-                "tensor_parallel_size": 1,
-                "data_parallel_size": 2,
-                "enable_expert_parallel": True,
-                "enforce_eager": True,
-                "distributed_executor_backend": "mp",
-            },
-            "resources": {"num_cpus_per_rank": 1, "placement_strategy": "PACK"},
-            "request_timeout_s": 300,
-        }
+    return tiny_app_config(
+        model_dir,
+        name,
+        max_model_len=512,
+        tensor_parallel_size=1,
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        distributed_executor_backend="mp",
+        resources={"num_cpus_per_rank": 1, "placement_strategy": "PACK"},
     )
 
 
 def tp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
     """TP2 x EP2 in one engine, one rank per node: vLLM's Ray executor places one rank actor in
     each placement-group bundle (one declared GPU each, STRICT_SPREAD: never the same node)."""
-    return AppConfig.model_validate(
-        {
-            "deployment_name": name,
-            "engine": {
-                "model": str(model_dir),
-                "served_model_name": "tiny-moe",
-                "dtype": "float32",
-                "max_model_len": 512,
-                "tensor_parallel_size": 2,
-                "enable_expert_parallel": True,
-                "enforce_eager": True,
-                "distributed_executor_backend": "ray",
-            },
-            "resources": {
-                "num_cpus_per_rank": 1,
-                "num_gpus_per_rank": 1,
-                "placement_strategy": "STRICT_SPREAD",
-            },
-            "request_timeout_s": 300,
-        }
+    return tiny_app_config(
+        model_dir,
+        name,
+        max_model_len=512,
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        distributed_executor_backend="ray",
+        resources={
+            "num_cpus_per_rank": 1,
+            "num_gpus_per_rank": 1,
+            "placement_strategy": "STRICT_SPREAD",
+        },
     )
 
 
@@ -65,13 +52,6 @@ def tp_ep_config(model_dir: Path, name: str = "tiny") -> AppConfig:
 # GPU: its rank actors take one each, as on a GPU node) and a head that takes no rank.
 DP_NODES = (NodeShape(num_cpus=1), NodeShape(num_cpus=0))
 TP_NODES = (NodeShape(num_cpus=1, num_gpus=1), NodeShape(num_cpus=1))
-
-
-class Served:
-    """A local 2-node cluster serving one app (HTTP base URL, gRPC target, the cluster)."""
-
-    def __init__(self, cluster: LocalCluster, http: str, grpc: str) -> None:
-        self.cluster, self.http, self.grpc = cluster, http, grpc
 
 
 def serve_on_two_nodes(
@@ -87,14 +67,16 @@ def serve_on_two_nodes(
     worker, head = nodes
     cluster = LocalCluster([worker] * 2, head=head)
     cluster.start()
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     try:
         ray.init(address=cluster.address, log_to_driver=False, namespace="multinode")
         cluster.wait_for_nodes()
         options = serve_options(http_port, grpc_port, host="127.0.0.1")
         serve.start(proxy_location="HeadOnly", **options)
         serve.run(build_app(config.model_dump(mode="json")), name="moe", route_prefix="/")
-        yield Served(cluster, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+        yield Served(
+            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", config, cluster=cluster
+        )
     finally:
         try:
             serve.shutdown()

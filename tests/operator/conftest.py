@@ -1,4 +1,5 @@
-"""Fixtures: the API emulator on loopback, the operator in-process, the KubeRay stand-in."""
+"""Fixtures: the API emulator on loopback, the operator in-process, the KubeRay stand-in, the
+operator's spans in memory."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import logging
 import pathlib
 from collections.abc import AsyncIterator, Iterator
 
-import kube_emulator as em
 import pytest
-from operator_harness import KubeRay, Operator, Reconciles, emulated_cluster
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import moe_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
+from moe_operator import tracing
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import KubeRay, Operator, Reconciles, emulated_cluster
 
 
 @pytest.fixture
@@ -43,3 +47,12 @@ async def operator(api: em.ApiServer) -> AsyncIterator[Operator]:
 @pytest.fixture
 def kuberay(api: em.ApiServer) -> KubeRay:
     return KubeRay(api)
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span of the operator runs started in this test, kept in memory."""
+    exporter = InMemorySpanExporter()
+    monkeypatch.setattr(tracing, "EXTRA_PROCESSORS", [SimpleSpanProcessor(exporter)])
+    yield exporter
+    exporter.shutdown()

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from types import ModuleType
 from typing import Any
 
-import kube_emulator as em
-from operator_harness import ROOT
+from tests.support import helm_render as helm
+from tests.support import kube_emulator as em
 
 Grants = dict[tuple[str, str], set[str]]
-
-
-def _helm_render() -> ModuleType:
-    """tests/chart/helm_render.py (the chart tests' helm runner), loaded by path."""
-    path = ROOT / "tests" / "chart" / "helm_render.py"
-    spec = importlib.util.spec_from_file_location("chart_helm_render", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helm = _helm_render()
 
 
 def used(api: em.ApiServer, token: str) -> Grants:

@@ -22,22 +22,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-import kube_emulator as em
 import pytest
 import yaml
-from operator_harness import (
-    MOED,
-    NS,
-    KubeRay,
-    eventually,
-    free_port,
-    mixtral,
-)
-from rbac_record import granted, helm, used, without
+from expectations import EXPECTED, children, is_
+from rbac_record import granted, used, without
 from state_stub import Load, StateStub
-from test_lifecycle import EXPECTED, children, is_
 
 from moe_operator.api import LABEL_DEPLOYMENT, LABEL_MANAGED_BY, MANAGED_BY
+from tests.support import helm_render as helm
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, mixtral
+from tests.support.ports import free_port
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.skipif(
     helm.helm_binary() is None, reason="helm is not installed (make install fetches it)"

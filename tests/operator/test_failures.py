@@ -7,41 +7,24 @@ import os
 import pathlib
 from typing import Any
 
-import kube_emulator as em
 import pytest
-from operator_harness import (
+from expectations import EXPECTED, children, cond, handled_spec_stored, is_, unplannable
+
+from moe_operator.reconcile import HASH_ANNOTATION
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import (
     MOED,
     NS,
     KubeRay,
     Operator,
     Reconciles,
     emulated_cluster,
-    eventually,
     mixtral,
     retrying,
 )
-from test_lifecycle import EXPECTED, children, cond, is_
-
-from moe_operator.reconcile import HASH_ANNOTATION
+from tests.support.waiting import eventually
 
 CHILD_RESOURCES = ("rayservices", "services", "poddisruptionbudgets", "networkpolicies")
-
-
-def unplannable() -> dict[str, Any]:
-    """Valid for the schema, but Mixtral's ~90 GiB of bf16 weights fit no single 48 GB GPU."""
-    body = mixtral()
-    body["spec"]["model"]["quantization"] = "none"
-    body["spec"]["resources"].update(
-        {"accelerator": "L40S-48GB", "gpusPerNode": 1, "maxNodesPerReplica": 1}
-    )
-    return body
-
-
-def handled_spec_stored(api: em.ApiServer) -> bool:
-    """kopf has written the last-handled-configuration annotation and no handler progress."""
-    annotations = api.read(MOED, NS, "mixtral")["metadata"].get("annotations", {})
-    progress = [k for k in annotations if k.startswith("serving.moeoperator.io/reconcile")]
-    return "serving.moeoperator.io/last-handled-configuration" in annotations and not progress
 
 
 async def test_unplannable_spec_is_degraded_without_retrying(

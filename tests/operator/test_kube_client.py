@@ -14,13 +14,14 @@ import os
 import pathlib
 import sys
 
-import kube_emulator as em
 import pytest
 import yaml
-from operator_harness import MOED, NS, Operator, eventually, mixtral
-from test_lifecycle import EXPECTED, children
+from expectations import EXPECTED, children
 
 from moe_operator import kube, settings
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, Operator, mixtral
+from tests.support.waiting import eventually
 
 SERVICE = {
     "apiVersion": "v1",

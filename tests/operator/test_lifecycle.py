@@ -4,39 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import kube_emulator as em
-from operator_harness import MOED, NS, KubeRay, Operator, Reconciles, eventually, mixtral
+from expectations import EXPECTED, children, cond, deploy_ready, is_
 
-from moe_operator import status as st
 from moe_operator.reconcile import HASH_ANNOTATION
-
-
-def cond(api: em.ApiServer, ctype: str, name: str = "mixtral") -> dict[str, Any]:
-    """A condition of the MoEDeployment ({} while it has none)."""
-    obj = api.find(MOED, NS, name)
-    return st.condition((obj or {}).get("status"), ctype) or {}
-
-
-def is_(api: em.ApiServer, ctype: str, value: str, reason: str | None = None) -> bool:
-    c = cond(api, ctype)
-    return c.get("status") == value and (reason is None or c.get("reason") == reason)
-
-
-def children(api: em.ApiServer, ns: str = NS) -> list[str]:
-    out = []
-    for kind in (em.RAYSERVICES, em.SERVICES, em.PDBS, em.NETPOLS):
-        out += [f"{kind.kind}/{o['metadata']['name']}" for o in api.list_items(kind, ns)]
-    return sorted(out)
-
-
-EXPECTED = sorted(
-    [
-        "RayService/mixtral",
-        "Service/mixtral-http",
-        "Service/mixtral-grpc",
-        "PodDisruptionBudget/mixtral-workers",
-    ]
-)
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, Operator, Reconciles, mixtral
+from tests.support.waiting import eventually
 
 
 async def test_create_makes_children_and_reports_progress_then_ready(
@@ -85,16 +58,6 @@ async def test_create_makes_children_and_reports_progress_then_ready(
     assert cond(api, "Degraded")["status"] == "False"
     status = api.read(MOED, NS, "mixtral")["status"]
     assert status["readyReplicas"] == 2 and status["replicas"] == 2
-
-
-async def deploy_ready(api: em.ApiServer, operator: Operator, kuberay: KubeRay) -> None:
-    """A served MoEDeployment with every child in place and Ready=True."""
-    await operator.start()
-    await api.create(MOED, mixtral(), admit=True)
-    await eventually(lambda: children(api) == EXPECTED, message="children")
-    await kuberay.serve("mixtral")
-    await eventually(lambda: is_(api, "Ready", "True"), message="Ready")
-    await eventually(lambda: not operator.busy, message="idle operator")
 
 
 async def test_unchanged_spec_on_restart_writes_nothing(

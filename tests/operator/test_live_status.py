@@ -11,16 +11,17 @@ import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import kube_emulator as em
 import pytest
 import yaml
-from operator_harness import MOED, NS, KubeRay, Operator, eventually, mixtral
 from state_stub import Load, StateStub
 
 from moe_operator import kube, live_poller, settings
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.planner import plan
 from moe_operator.throughput import cost_per_million_tokens
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, Operator, mixtral
+from tests.support.waiting import eventually
 
 
 @pytest.fixture

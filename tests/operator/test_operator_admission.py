@@ -10,16 +10,19 @@ import copy
 from typing import Any
 
 import kopf
-import kube_emulator as em
 import pytest
-import webhook_rules
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from operator_harness import EXAMPLES, MOED, Operator, eventually, example, free_port, mixtral
-from rbac_record import granted, helm, used, without
+from rbac_record import granted, used, without
 
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.webhook import validate_moedeployment
+from tests.support import helm_render as helm
+from tests.support import kube_emulator as em
+from tests.support import webhook_rules
+from tests.support.operator_harness import EXAMPLES, MOED, Operator, example, mixtral
+from tests.support.ports import free_port
+from tests.support.waiting import eventually
 
 CLUSTER_EXAMPLES = sorted(
     p.name for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("tiny-cpu")

@@ -19,14 +19,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import kube_emulator as em
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from expectations import EXPECTED, children, is_
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from operator_harness import MOED, NS, KubeRay, Operator, eventually, mixtral
-from test_lifecycle import EXPECTED, children, is_
 
-from moe_operator import tracing
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, Operator, mixtral
+from tests.support.waiting import eventually
 
 #: Served only by the hygiene test's emulator (the harness's default kinds stay as they are).
 SECRETS = em.Kind("", "v1", "secrets", "Secret")
@@ -109,14 +108,6 @@ def records() -> Iterator[Records]:
     for lg, level in zip(loggers, levels, strict=True):
         lg.removeHandler(handler)
         lg.setLevel(level)
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    monkeypatch.setattr(tracing, "EXTRA_PROCESSORS", [SimpleSpanProcessor(exporter)])
-    yield exporter
-    exporter.shutdown()
 
 
 def secret(name: str, value: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The API server refuses a rendered child for a schema reason: Degraded with its words, no loop.
 
-The emulator validates RayServices against KubeRay's CRD (tests/k8s_schema.py), here the CRD of
-a KubeRay release older than the operator supports.
+The emulator validates RayServices against KubeRay's CRD (tests/support/k8s_schema.py), here
+the CRD of a KubeRay release older than the operator supports.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import pathlib
 
-import kube_emulator as em
 import pytest
-from operator_harness import MOED, NS, Operator, Reconciles, emulated_cluster, eventually, mixtral
-from test_failures import handled_spec_stored
-from test_lifecycle import cond, is_
+from expectations import cond, handled_spec_stored, is_
 
 from moe_operator.kuberay import MIN_KUBERAY
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, Operator, Reconciles, emulated_cluster, mixtral
+from tests.support.waiting import eventually
 
 
 async def test_rayservice_refused_by_an_old_kuberay_is_degraded_without_retrying(

@@ -13,9 +13,11 @@ Before, the operator only read activeServiceStatus and stayed Progressing.
 
 from __future__ import annotations
 
-import kube_emulator as em
-from operator_harness import MOED, NS, KubeRay, Operator, eventually, mixtral
-from test_lifecycle import cond, is_
+from expectations import cond, is_
+
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, Operator, mixtral
+from tests.support.waiting import eventually
 
 REPLICA_ERROR = (
     "The deployment failed to start 3 times in a row. This may be due to a problem with its "

@@ -6,29 +6,18 @@ Spans go to an in-memory exporter added to the operator's own provider in this p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import kube_emulator as em
 import pytest
+from expectations import EXPECTED, children, deploy_ready, is_, unplannable
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracer, StatusCode
-from operator_harness import MOED, NS, KubeRay, Operator, eventually, mixtral
-from test_failures import unplannable
-from test_lifecycle import EXPECTED, children, deploy_ready, is_
 
 from moe_operator import settings, tracing
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """Every span of the operator runs started in this test, kept in memory."""
-    exporter = InMemorySpanExporter()
-    monkeypatch.setattr(tracing, "EXTRA_PROCESSORS", [SimpleSpanProcessor(exporter)])
-    yield exporter
-    exporter.shutdown()
+from tests.support import kube_emulator as em
+from tests.support.operator_harness import MOED, NS, KubeRay, Operator, mixtral
+from tests.support.waiting import eventually
 
 
 def reconciles(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

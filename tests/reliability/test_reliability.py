@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +30,11 @@ import httpx
 import psutil
 import pytest
 
-from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as pb_grpc
+from tests.support.appconfig import tiny_app_config
+from tests.support.served import Served, full_queue, running_app
+from tests.support.waiting import change_under_load, poll_until, wait_until
 
 from .conftest import Report, Row
 
@@ -168,51 +169,17 @@ def grpc_call(
 # ---- the served app -----------------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    http: str
-    grpc_target: str
-    config: AppConfig
-    cluster_stopped: bool = False  # a test ended the Ray cluster itself
+def _engine_outcomes(served: Served) -> dict[str, float]:
+    """Requests the engine replica has finished since it started, by outcome (/metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.grpc_target)
-
-    def depth(self) -> dict[str, Any]:
-        body: dict[str, Any] = httpx.get(f"{self.http}/health", timeout=30).json()
-        return body
-
-    def engine_outcomes(self) -> dict[str, float]:
-        """Requests the engine replica has finished since it started, by outcome (/metrics)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"{self.http}/metrics", headers=_auth(), timeout=30).text
-        outcomes: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples if family.name == "moe_engine_requests" else ():
-                if sample.name == "moe_engine_requests_total":  # summed over replicas
-                    outcome = sample.labels["outcome"]
-                    outcomes[outcome] = outcomes.get(outcome, 0) + sample.value
-        return outcomes
-
-    def wait_depth(self, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 120) -> None:
-        """Poll the replica's queue depth until `ok` (a generous bound: only a hang fails)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                depth = self.depth()
-                if ok(depth):
-                    return
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                depth = {"error": repr(exc)}
-            assert time.monotonic() < deadline, f"queue depth never settled: {depth}"
-            time.sleep(0.25)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    outcomes: dict[str, float] = {}
+    for family in text_string_to_metric_families(served.metrics(headers=_auth())):
+        for sample in family.samples if family.name == "moe_engine_requests" else ():
+            if sample.name == "moe_engine_requests_total":  # summed over replicas
+                outcome = sample.labels["outcome"]
+                outcomes[outcome] = outcomes.get(outcome, 0) + sample.value
+    return outcomes
 
 
 @dataclass(frozen=True)
@@ -245,8 +212,8 @@ def engine_replica(timeout_s: float = 60) -> Replica:
     import ray
 
     marker = f"ServeReplica:{APP}:LLMEngine"
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def look() -> tuple[list[str], list[psutil.Process]]:
         names = [
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
@@ -259,58 +226,39 @@ def engine_replica(timeout_s: float = 60) -> Replica:
                 procs.append(proc)
         # vLLM's forked children can inherit the title: the replica is the topmost of them.
         pids = {p.pid for p in procs}
-        tops = [p for p in procs if p.ppid() not in pids]
-        if len(names) == 1 and len(tops) == 1:
-            top = tops[0]
-            children = tuple(c.pid for c in top.children(recursive=True))
-            return Replica(names[0], top.pid, top.info["create_time"], children)
-        assert time.monotonic() < deadline, f"no single engine replica: {names}, {tops}"
-        time.sleep(0.5)
+        return names, [p for p in procs if p.ppid() not in pids]
+
+    names, tops = wait_until(
+        look,
+        timeout_s,
+        0.5,
+        "no single engine replica (actors, processes)",
+        ok=lambda found: len(found[0]) == 1 and len(found[1]) == 1,
+    )
+    top = tops[0]
+    children = tuple(c.pid for c in top.children(recursive=True))
+    return Replica(names[0], top.pid, top.info["create_time"], children)
 
 
 @pytest.fixture(scope="module")
 def served(tiny_gemma4: Path) -> Iterator[Served]:
-    import ray
-    from ray import serve
-
-    from moe_serving.app import build_app
-    from moe_serving.local import serve_options
-
-    config = AppConfig.model_validate(
-        {
-            "deployment_name": APP,
-            "engine": {
-                "model": str(tiny_gemma4),
-                "served_model_name": MODEL,
-                "dtype": "float32",
-                "max_model_len": MAX_MODEL_LEN,
-                "tensor_parallel_size": 2,
-                "enable_expert_parallel": True,
-                "enforce_eager": True,
-            },
-            "max_ongoing_requests": MAX_ONGOING,
-            "max_queued_requests": MAX_QUEUED,
-            "request_timeout_s": 300,
-            "api_key_env": KEY_ENV,
-        }
+    config = tiny_app_config(
+        tiny_gemma4,
+        APP,
+        served_model_name=MODEL,
+        max_model_len=MAX_MODEL_LEN,
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        max_ongoing_requests=MAX_ONGOING,
+        max_queued_requests=MAX_QUEUED,
+        api_key_env=KEY_ENV,
     )
     # The local raylet, hence every Serve actor, inherits this process's environment.
     os.environ[KEY_ENV] = KEY
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="moe-reliability")
-    served: Served | None = None
     try:
-        options = serve_options(http_port, grpc_port, host="127.0.0.1")
-        serve.start(http_options=options["http_options"], grpc_options=options["grpc_options"])
-        serve.run(
-            build_app(config.model_dump(mode="json")), name=APP, route_prefix="/", blocking=False
-        )
-        served = Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", config)
-        yield served
+        with running_app(config, "moe-reliability") as served:
+            yield served
     finally:
-        if served is None or not served.cluster_stopped:
-            serve.shutdown()
-        ray.shutdown()
         os.environ.pop(KEY_ENV, None)
 
 
@@ -738,7 +686,7 @@ def test_disconnects_and_deadlines_free_engine_slots(served: Served, report: Rep
     # replica still books the last one's outcome, which would land in this phase's count.
     served.wait_depth(lambda d: d["total"] == 0 and d["in_replica"] == 0)
     before = served.depth()
-    outcomes_before = served.engine_outcomes()
+    outcomes_before = _engine_outcomes(served)
     cut = 0
     long_body = _completion(LONG, stream=True, ignore_eos=True)
     long_chat = _chat(LONG, stream=True, ignore_eos=True)
@@ -779,7 +727,7 @@ def test_disconnects_and_deadlines_free_engine_slots(served: Served, report: Rep
     served.wait_depth(lambda d: d["in_engine"] == 0 and d["queued"] == 0 and d["in_replica"] == 0)
     after = served.depth()
     cancelled = after["cancelled_total"] - before["cancelled_total"]
-    outcomes_after = served.engine_outcomes()
+    outcomes_after = _engine_outcomes(served)
     # Requests that reached the engine replica in this phase, by how they ended there. A cut
     # request may never reach it (a deadline that expires at the proxy or ingress): fine.
     reached = {
@@ -788,26 +736,8 @@ def test_disconnects_and_deadlines_free_engine_slots(served: Served, report: Rep
         if n != outcomes_before.get(outcome, 0)
     }
     # No admission slot leaked: 2 + 2 long streams fill the engine and the queue again.
-    release = threading.Event()
-    statuses: list[int] = []
-
-    def hold() -> None:
-        with (
-            httpx.Client(timeout=120) as client,
-            client.stream(
-                "POST", f"{served.http}/v1/completions", json=long_body, headers=headers
-            ) as response,
-        ):
-            statuses.append(response.status_code)
-            release.wait(120)
-
-    with ExitStack() as stack:
-        threads = [threading.Thread(target=hold) for _ in range(MAX_ONGOING + MAX_QUEUED)]
-        for thread in threads:
-            thread.start()
-            stack.callback(thread.join, 150)
-        stack.callback(release.set)
-        served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
+    with full_queue(served, long_body, MAX_ONGOING, MAX_QUEUED, headers) as statuses:
+        pass  # filled: the replica reported them running and queued
     served.wait_depth(lambda d: d["total"] == 0)
     final = http_call(served.http, "/v1/completions", body=_completion(4))
     channel.close()
@@ -938,11 +868,9 @@ def _death_under_load(
     channel.close()
     new = engine_replica() if recovered_s is not None else None
     # The old replica's processes must not outlive it (bounded wait).
-    deadline = time.monotonic() + 60
-    while (orphans := [p for p in must_die if psutil.pid_exists(p)]) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(1.0)
+    orphans = poll_until(
+        lambda: [p for p in must_die if psutil.pid_exists(p)], 60, 1.0, ok=lambda left: not left
+    )
 
     row = report.row(label)
     _tally(row, flight + probes)
@@ -1044,15 +972,16 @@ def test_rolling_config_change_under_load_fails_no_request(served: Served, repor
                 outcome = grpc_call(channel, "Complete", _grpc_complete(4))
             outcomes.append(outcome)
 
-    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in ("http", "grpc")]
-    for thread in threads:
-        thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while len(outcomes) < 4:  # load flows before the change
-            assert time.monotonic() < deadline, outcomes
-            time.sleep(0.2)
-        before, started = len(outcomes), time.monotonic()
+    def rolled() -> tuple[Any, list[str]]:
+        app = serve.status().applications.get(APP)
+        names = [
+            a["name"]
+            for a in ray_named_actors()
+            if a["name"].startswith(f"SERVE_REPLICA::{APP}#LLMEngine#")
+        ]
+        return app, names
+
+    def roll() -> None:
         serve.run(
             build_app(new_config.model_dump(mode="json")),
             name=APP,
@@ -1060,25 +989,22 @@ def test_rolling_config_change_under_load_fails_no_request(served: Served, repor
             blocking=False,
         )
         # Rolled: a new engine replica (the old one is gone) and the app RUNNING again.
-        deadline = time.monotonic() + 420
-        while True:
-            app = serve.status().applications.get(APP)
-            names = [
-                a["name"]
-                for a in ray_named_actors()
-                if a["name"].startswith(f"SERVE_REPLICA::{APP}#LLMEngine#")
-            ]
-            if app is not None and app.status == "RUNNING" and names and old.name not in names:
-                break
-            assert time.monotonic() < deadline, (app, names)
-            time.sleep(1.0)
-        rolled_s = time.monotonic() - started
-        during = len(outcomes) - before
-        settled = len(outcomes)
-        deadline = time.monotonic() + 120
-        while len(outcomes) < settled + 4:  # and after it, on the new replica
-            assert time.monotonic() < deadline, outcomes[-4:]
-            time.sleep(0.2)
+        wait_until(
+            rolled,
+            420,
+            1.0,
+            "no new engine replica RUNNING (app, replicas)",
+            ok=lambda r: (
+                r[0] is not None and r[0].status == "RUNNING" and r[1] and old.name not in r[1]
+            ),
+        )
+
+    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in ("http", "grpc")]
+    for thread in threads:
+        thread.start()
+    try:
+        # Load flows before the change, while it rolls and after it, on the new replica.
+        during, rolled_s = change_under_load(outcomes, roll)
     finally:
         stop.set()
         for thread in threads:
@@ -1107,7 +1033,7 @@ def test_force_stopped_ray_leaves_no_engine_process(served: Served, report: Repo
     replica = engine_replica()
     engine = list(replica.children)
     assert engine, "the replica has no vLLM processes to watch"
-    served.cluster_stopped = True  # the fixture must not call into the dead cluster
+    served.stopped = True  # the fixture must not call into the dead cluster
     stopped = subprocess.run(
         [str(Path(sys.executable).with_name("ray")), "stop", "--force"],
         capture_output=True,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,100 +27,51 @@ import grpc
 import jsonschema
 import openai
 import pytest
-from local_app import running_app
+from agent_tools import (
+    MAX_TOKENS,
+    MESSAGES,
+    NO_THINKING,
+    TIME_SCHEMA,
+    TOOLS,
+    WEATHER_SCHEMA,
+    AgentApp,
+    assert_valid_calls,
+    streamed_chat_calls,
+    streamed_grpc_calls,
+    whitespace_bias,
+)
 
-from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
-from moe_serving.proto import inference_pb2_grpc as pb_grpc
 from moe_serving.tinymodel import Arch
+from tests.support.appconfig import tiny_app_config
+from tests.support.served import running_app
 
 pytestmark = pytest.mark.engine
 
 MODEL = "tiny-agent"
-NO_THINKING: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": False}}
-MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Paris this week?"}]
-# Bounded strings, enums and integer ranges: a random model still reaches the end of the object.
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
-TIME_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
-
-
-def _tool(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    # strict: OpenAI's switch for "arguments must follow the schema"; vLLM then constrains them.
-    return {
-        "type": "function",
-        "function": {"name": name, "description": name, "parameters": schema, "strict": True},
-    }
-
-
-TOOLS = [_tool("get_weather", WEATHER_SCHEMA), _tool("get_time", TIME_SCHEMA)]
-SCHEMAS = {"get_weather": WEATHER_SCHEMA, "get_time": TIME_SCHEMA}
-MAX_TOKENS = 400
-
-
-@dataclass
-class Served:
-    http: str
-    grpc_target: str
-    no_whitespace: dict[str, int]  # logit_bias pushing whitespace-only tokens away
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
-
-    def stub(self) -> pb_grpc.InferenceServiceStub:
-        return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
 
 
 @pytest.fixture(scope="module")
-def served(tiny_models: Callable[[Arch], Path]) -> Iterator[Served]:
+def served(tiny_models: Callable[[Arch], Path]) -> Iterator[AgentApp]:
     model_dir = tiny_models("qwen3_moe")
-    config = AppConfig.model_validate(
-        {
-            "deployment_name": "moe-agent-test",
-            "engine": {
-                "model": str(model_dir),
-                "served_model_name": MODEL,
-                "dtype": "float32",
-                "max_model_len": 2048,
-                "enforce_eager": True,
-                # What the operator fills from the catalog for qwen3_moe.
-                "tool_call_parser": "hermes",
-                "reasoning_parser": "qwen3",
-            },
-            "request_timeout_s": 300,
-        }
+    config = tiny_app_config(
+        model_dir,
+        "moe-agent-test",
+        served_model_name=MODEL,
+        # What the operator fills from the catalog for qwen3_moe.
+        tool_call_parser="hermes",
+        reasoning_parser="qwen3",
     )
-    with running_app(config, "moe-agent-tests") as (http, grpc_target):
-        yield Served(http, grpc_target, _whitespace_bias(model_dir))
+    bias = whitespace_bias(model_dir)
+    with running_app(config, "moe-agent-tests", AgentApp, no_whitespace=bias) as served:
+        yield served
 
 
-def _whitespace_bias(model_dir: Path) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    bias = {str(i): -100 for i in range(len(tok)) if not str(tok.decode([i])).strip()}
-    assert bias  # the byte-level vocabulary has space, tab and newline tokens
-    return bias
-
-
-def _chat(served: Served, structured: bool = True, **kwargs: Any) -> Any:
+def _chat(served: AgentApp, structured: bool = True, **kwargs: Any) -> Any:
     extra = {**NO_THINKING, **kwargs.pop("extra_body", {})}
     if structured:
         extra["logit_bias"] = served.no_whitespace
-    return served.client().chat.completions.create(
+    return served.client(max_retries=0).chat.completions.create(
         model=MODEL,
         messages=kwargs.pop("messages", MESSAGES),
         temperature=0,
@@ -131,58 +81,38 @@ def _chat(served: Served, structured: bool = True, **kwargs: Any) -> Any:
     )
 
 
-def _assert_valid_calls(calls: list[tuple[str, str]], only: str | None = None) -> None:
-    """Each (name, arguments JSON) is a call of a declared tool with schema-valid arguments."""
-    assert calls, "no tool call in the response"
-    for name, arguments in calls:
-        assert name in SCHEMAS and (only is None or name == only)
-        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
-
-
 # ---- tool calling over HTTP (openai client) ----------------------------------------------------
 
 
-def test_required_tool_choice_gives_schema_valid_calls(served: Served) -> None:
+def test_required_tool_choice_gives_schema_valid_calls(served: AgentApp) -> None:
     chat = _chat(served, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     choice = chat.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls or []
-    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls])
+    assert_valid_calls([(c.function.name, c.function.arguments) for c in calls])
     assert all(c.id and c.type == "function" for c in calls)
 
 
-def test_named_tool_choice_calls_that_function(served: Served) -> None:
+def test_named_tool_choice_calls_that_function(served: AgentApp) -> None:
     choice = _chat(
         served,
         tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_time"}},
     ).choices[0]
     calls = choice.message.tool_calls or []
-    _assert_valid_calls([(c.function.name, c.function.arguments) for c in calls], only="get_time")
+    assert_valid_calls([(c.function.name, c.function.arguments) for c in calls], only="get_time")
 
 
-def test_streamed_required_tool_call_assembles_to_valid_arguments(served: Served) -> None:
+def test_streamed_required_tool_call_assembles_to_valid_arguments(served: AgentApp) -> None:
     stream = _chat(
         served, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stream=True
     )
-    names: dict[int, str] = {}
-    arguments: dict[int, str] = {}
-    finish = None
-    for chunk in stream:
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            for delta in choice.delta.tool_calls or []:
-                if delta.function and delta.function.name:
-                    names[delta.index] = delta.function.name
-                if delta.function and delta.function.arguments:
-                    arguments[delta.index] = (
-                        arguments.get(delta.index, "") + delta.function.arguments
-                    )
+    calls, finish, _ = streamed_chat_calls(stream)
     assert finish == "tool_calls"
-    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
+    assert_valid_calls(calls)
 
 
-def test_auto_tool_choice_is_accepted_with_a_valid_shape(served: Served) -> None:
+def test_auto_tool_choice_is_accepted_with_a_valid_shape(served: AgentApp) -> None:
     # Random weights do not decide to call a tool; the parser must still answer cleanly.
     for stream in (False, True):
         if stream:
@@ -197,7 +127,7 @@ def test_auto_tool_choice_is_accepted_with_a_valid_shape(served: Served) -> None
         assert choice.message.content or choice.message.tool_calls
 
 
-def test_tool_result_turn_is_accepted(served: Served) -> None:
+def test_tool_result_turn_is_accepted(served: AgentApp) -> None:
     messages = [
         *MESSAGES,
         {
@@ -217,7 +147,7 @@ def test_tool_result_turn_is_accepted(served: Served) -> None:
     assert choice.finish_reason == "length"
 
 
-def test_named_tool_choice_of_an_unknown_function_is_a_400(served: Served) -> None:
+def test_named_tool_choice_of_an_unknown_function_is_a_400(served: AgentApp) -> None:
     with pytest.raises(openai.BadRequestError):
         _chat(served, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 
@@ -225,7 +155,7 @@ def test_named_tool_choice_of_an_unknown_function_is_a_400(served: Served) -> No
 # ---- structured outputs over HTTP --------------------------------------------------------------
 
 
-def test_json_schema_response_validates(served: Served) -> None:
+def test_json_schema_response_validates(served: AgentApp) -> None:
     response_format = {
         "type": "json_schema",
         "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA, "strict": True},
@@ -235,7 +165,7 @@ def test_json_schema_response_validates(served: Served) -> None:
     jsonschema.validate(json.loads(choice.message.content or ""), WEATHER_SCHEMA)
 
 
-def test_json_object_response_is_constrained_to_an_object(served: Served) -> None:
+def test_json_object_response_is_constrained_to_an_object(served: AgentApp) -> None:
     # Any JSON object is allowed, so a random model may not close it within max_tokens: the
     # output must start as an object (the unconstrained answer does not), and parse when done.
     free = _chat(served, structured=False, max_tokens=12).choices[0].message.content or ""
@@ -256,12 +186,12 @@ def test_json_object_response_is_constrained_to_an_object(served: Served) -> Non
         {"type": "xml"},
     ],
 )
-def test_invalid_response_format_is_a_400(served: Served, response_format: Any) -> None:
+def test_invalid_response_format_is_a_400(served: AgentApp, response_format: Any) -> None:
     with pytest.raises(openai.BadRequestError):
         _chat(served, response_format=response_format, max_tokens=4)
 
 
-def test_invalid_tool_parameters_schema_is_a_400(served: Served) -> None:
+def test_invalid_tool_parameters_schema_is_a_400(served: AgentApp) -> None:
     bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}
     with pytest.raises(openai.BadRequestError) as info:
         _chat(served, tools=[bad_tool], max_tokens=4)
@@ -271,7 +201,7 @@ def test_invalid_tool_parameters_schema_is_a_400(served: Served) -> None:
 # ---- reasoning (thinking on/off per request) ---------------------------------------------------
 
 
-def test_thinking_switch_moves_output_between_reasoning_and_content(served: Served) -> None:
+def test_thinking_switch_moves_output_between_reasoning_and_content(served: AgentApp) -> None:
     # qwen3 reasoning parser: with thinking on, everything before </think> is reasoning; a
     # random model never closes it, so all text is reasoning. With thinking off: all content.
     on = _chat(
@@ -304,7 +234,7 @@ def test_thinking_switch_moves_output_between_reasoning_and_content(served: Serv
 
 
 def _grpc_chat(
-    served: Served, extra: dict[str, Any] | None = None, **fields: Any
+    served: AgentApp, extra: dict[str, Any] | None = None, **fields: Any
 ) -> pb.ChatRequest:
     fields.setdefault("chat_template_kwargs_json", json.dumps({"enable_thinking": False}))
     fields["extra_json"] = json.dumps({"logit_bias": served.no_whitespace, **(extra or {})})
@@ -316,7 +246,7 @@ def _grpc_chat(
     )
 
 
-def test_grpc_named_tool_choice_gives_a_schema_valid_call(served: Served) -> None:
+def test_grpc_named_tool_choice_gives_a_schema_valid_call(served: AgentApp) -> None:
     response = served.stub().Chat(
         _grpc_chat(
             served,
@@ -326,32 +256,23 @@ def test_grpc_named_tool_choice_gives_a_schema_valid_call(served: Served) -> Non
         timeout=300,
     )
     calls = json.loads(response.choices[0].tool_calls_json)
-    _assert_valid_calls(
+    assert_valid_calls(
         [(c["function"]["name"], c["function"]["arguments"]) for c in calls], only="get_weather"
     )
 
 
-def test_grpc_streamed_required_tool_call(served: Served) -> None:
+def test_grpc_streamed_required_tool_call(served: AgentApp) -> None:
     request = _grpc_chat(
         served,
         {"parallel_tool_calls": False},
         tools_json=json.dumps(TOOLS),
         tool_choice_json='"required"',
     )
-    names: dict[int, str] = {}
-    arguments: dict[int, str] = {}
-    for chunk in served.stub().Generate(pb.GenerateRequest(chat=request), timeout=300):
-        for delta in json.loads(chunk.tool_calls_json) if chunk.tool_calls_json else []:
-            function = delta.get("function") or {}
-            if function.get("name"):
-                names[delta["index"]] = function["name"]
-            arguments[delta["index"]] = arguments.get(delta["index"], "") + (
-                function.get("arguments") or ""
-            )
-    _assert_valid_calls([(names[i], arguments[i]) for i in sorted(names)])
+    chunks = served.stub().Generate(pb.GenerateRequest(chat=request), timeout=300)
+    assert_valid_calls(streamed_grpc_calls(chunks))
 
 
-def test_grpc_json_schema_response_validates(served: Served) -> None:
+def test_grpc_json_schema_response_validates(served: AgentApp) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": TIME_SCHEMA}}
     response = served.stub().Chat(
         _grpc_chat(served, response_format_json=json.dumps(response_format)), timeout=300
@@ -359,14 +280,14 @@ def test_grpc_json_schema_response_validates(served: Served) -> None:
     jsonschema.validate(json.loads(response.choices[0].text), TIME_SCHEMA)
 
 
-def test_grpc_invalid_schema_is_invalid_argument(served: Served) -> None:
+def test_grpc_invalid_schema_is_invalid_argument(served: AgentApp) -> None:
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     with pytest.raises(grpc.RpcError) as info:
         served.stub().Chat(_grpc_chat(served, response_format_json=json.dumps(bad)), timeout=300)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_grpc_thinking_on_returns_reasoning_content(served: Served) -> None:
+def test_grpc_thinking_on_returns_reasoning_content(served: AgentApp) -> None:
     request = _grpc_chat(served, chat_template_kwargs_json=json.dumps({"enable_thinking": True}))
     request.sampling.max_tokens = 8
     choice = served.stub().Chat(request, timeout=300).choices[0]

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,16 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.ports import free_port
+from tests.support.waiting import poll_until, wait_until
+
 pytestmark = pytest.mark.engine
 
 _RUNNING = re.compile(r'^moe_serving_replicas\{[^}]*state="[^"]*RUNNING"[^}]*\}\s+([0-9.]+)', re.M)
 _DEPTH_REPLICA = re.compile(r'^moe_replica_queue_depth\{[^}]*replica="([^"]+)"', re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class App:
@@ -77,7 +73,7 @@ class App:
 @pytest.fixture(scope="module")
 def app(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     work = tmp_path_factory.mktemp("autoscale-engine")
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     spec = {
         "apiVersion": "serving.moeoperator.io/v1alpha1",
         "kind": "MoEDeployment",
@@ -117,18 +113,19 @@ def app(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     running = App(proc, http_port, log)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, f"moectl up exited:\n{log.read_text()[-4000:]}"
+        return running.get("/health", timeout=5)[0] == 200
+
     try:
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"moectl up exited:\n{log.read_text()[-4000:]}"
-            try:
-                if running.get("/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError(f"never healthy:\n{log.read_text()[-4000:]}")
+        wait_until(
+            healthy,
+            420,
+            1,
+            lambda _: f"never healthy:\n{log.read_text()[-4000:]}",
+            ignore=(OSError,),
+        )
         yield running
     finally:
         proc.send_signal(signal.SIGINT)  # moectl up's clean stop (Ctrl-C)
@@ -160,12 +157,12 @@ class Timeline:
         return [k for k, _ in itertools.groupby(n for t, n in self.points if t >= since)]
 
     def wait(self, ok: Callable[[int], bool], what: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.points and ok(self.points[-1][1]):
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"{what} never happened; timeline {self.counts()}")
+        wait_until(
+            lambda: bool(self.points) and ok(self.points[-1][1]),
+            timeout_s,
+            0.5,
+            lambda _: f"{what} never happened; timeline {self.counts()}",
+        )
 
 
 def test_real_engine_scales_up_under_queueing_and_back_down_when_idle(app: App) -> None:
@@ -192,16 +189,15 @@ def test_real_engine_scales_up_under_queueing_and_back_down_when_idle(app: App) 
         rising = timeline.counts(since=step_at)
         # The new replica serves: keep the load on for a bounded number of requests.
         target = served[0] + 8
-        deadline = time.monotonic() + 300
-        while served[0] < target and time.monotonic() < deadline and not errors:
-            time.sleep(0.5)
+        poll_until(lambda: served[0] >= target or bool(errors), 300, 0.5)
         # One scrape shows both replicas' engine series (each labelled with its replica),
         # whichever replica answered it.
-        labelled: set[str] = set()
-        deadline = time.monotonic() + 60
-        while len(labelled) < 2 and time.monotonic() < deadline:
-            labelled = set(_DEPTH_REPLICA.findall(app.get("/metrics", timeout=30)[1]))
-            time.sleep(1.0)
+        labelled = poll_until(
+            lambda: set(_DEPTH_REPLICA.findall(app.get("/metrics", timeout=30)[1])),
+            60,
+            1.0,
+            ok=lambda found: len(found) >= 2,
+        )
         stop.set()
         for thread in clients:
             thread.join(timeout=320)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from moe_serving.config import AutoscalingArgs
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -61,12 +62,13 @@ class Timeline:
         return [k for k, _ in itertools.groupby(live for t, live, _ in self.points if t >= since)]
 
     def wait(self, ok: Callable[[int, int], bool], what: str, timeout_s: float = 180) -> float:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.points and ok(self.points[-1][1], self.points[-1][2]):
-                return time.monotonic()
-            time.sleep(0.1)
-        raise AssertionError(f"{what} never happened; timeline {self.counts()}")
+        wait_until(
+            lambda: bool(self.points) and ok(self.points[-1][1], self.points[-1][2]),
+            timeout_s,
+            0.1,
+            lambda _: f"{what} never happened; timeline {self.counts()}",
+        )
+        return time.monotonic()
 
 
 class StepLoad:
@@ -95,12 +97,6 @@ class StepLoad:
         for thread in self.threads:
             thread.join(timeout=150)
         assert not self.errors, self.errors[:3]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Ray Serve reads its metric push intervals when `ray.serve` is first imported; in a full test
@@ -133,7 +129,7 @@ def ray_cluster() -> Iterator[None]:
     os.environ.update(_FAST_METRICS)  # inherited by the raylet, hence by Serve's actors
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="moe-autoscale")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         yield
     finally:
         serve.shutdown()

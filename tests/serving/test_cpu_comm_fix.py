@@ -12,7 +12,6 @@ sum-then-scatter by sizes).
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 
 from moe_serving import cpu_comm_fix
 from moe_serving.cpu_comm_fix import Decision, fill_class
+from tests.support.ports import free_port
 
 
 def _worker(rank: int, port: int, results: Any) -> None:
@@ -42,15 +42,9 @@ def _worker(rank: int, port: int, results: Any) -> None:
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_variable_collectives_on_gloo() -> None:
     ctx = mp.get_context("spawn")
-    port = _port()
+    port = free_port()
     with ctx.Manager() as manager:
         results = manager.dict()
         procs = [ctx.Process(target=_worker, args=(r, port, results)) for r in range(2)]

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import oracle
 import pytest
 
 from moe_serving.tinymodel import Arch
+from tests.support import oracle
 
 pytestmark = pytest.mark.engine
 

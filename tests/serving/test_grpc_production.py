@@ -25,6 +25,7 @@ from moe_serving.outcomes import RETRY_PUSHBACK_KEY
 from moe_serving.proto import inference_pb2 as pb
 from moe_serving.proto import inference_pb2_grpc as rpc
 from moe_serving.protocol import Reason, Refusal, ResponseHead
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -87,14 +88,13 @@ def served() -> Iterator[tuple[str, Any]]:
 
     from moe_serving.app import ENGINE_DEPLOYMENT, build
     from moe_serving.local import serve_options
-    from moe_serving.local_cluster import _free_port
 
     # Replicas import this module's stand-in by value (tests/ is not on their path).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = AppConfig.model_validate(
         {"engine": {"model": "none", "served_model_name": "tiny-moe"}, "request_timeout_s": 60}
     )
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     ray.init(include_dashboard=False, log_to_driver=False, namespace="grpc-production")
     try:
         serve.start(**serve_options(http_port, grpc_port, host="127.0.0.1"))

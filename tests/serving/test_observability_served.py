@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ import grpc
 import httpx
 import openai
 import pytest
-from local_app import running_app
 from otlp_receiver import OtlpReceiver
 
-from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
-from moe_serving.proto import inference_pb2_grpc as pb_grpc
+from tests.support.appconfig import tiny_app_config
+from tests.support.served import Served, running_app
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -34,19 +33,12 @@ MODEL = "tiny-moe"
 SECRET_PROMPT = "zebra quartz lantern orbit"  # must never appear in a span by default
 
 
-@dataclass
-class Served:
-    http: str
-    grpc_target: str
-    model_dir: Path
+@dataclass(kw_only=True)
+class Traced(Served):
+    """A served app exporting its spans to a JSONL file and to an OTLP receiver."""
+
     jsonl: Path
     receiver: OtlpReceiver
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
-
-    def stub(self) -> pb_grpc.InferenceServiceStub:
-        return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
 
     def spans(self) -> list[dict[str, Any]]:
         if not self.jsonl.exists():
@@ -57,51 +49,35 @@ class Served:
         self, trace_id: str, ok: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 60
     ) -> list[dict[str, Any]]:
         """Spans of a trace once `ok` holds (exports are asynchronous; only a hang fails)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            spans = [s for s in self.spans() if s["trace_id"] == trace_id]
-            if ok(spans):
-                return spans
-            assert time.monotonic() < deadline, f"trace {trace_id} incomplete: {spans}"
-            time.sleep(0.2)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.http}/metrics", timeout=30).text
+        return wait_until(
+            lambda: [s for s in self.spans() if s["trace_id"] == trace_id],
+            timeout_s,
+            0.2,
+            f"trace {trace_id} incomplete",
+            ok=ok,
+        )
 
 
 @pytest.fixture(scope="module")
-def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     jsonl = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     with OtlpReceiver() as receiver:
-        config = AppConfig.model_validate(
-            {
-                "deployment_name": "moe-obs",
-                "engine": {
-                    "model": str(tiny_gemma4),
-                    "served_model_name": MODEL,
-                    "dtype": "float32",
-                    "max_model_len": 1024,
-                    "tensor_parallel_size": 2,
-                    "enable_expert_parallel": True,
-                    "enforce_eager": True,
-                },
-                "request_timeout_s": 300,
-                "tracing": {
-                    "enabled": True,
-                    "endpoint": receiver.endpoint,
-                    "protocol": "http/protobuf",
-                    "jsonl_path": str(jsonl),
-                },
-            }
+        config = tiny_app_config(
+            tiny_gemma4,
+            "moe-obs",
+            served_model_name=MODEL,
+            max_model_len=1024,
+            tensor_parallel_size=2,
+            enable_expert_parallel=True,
+            tracing={
+                "enabled": True,
+                "endpoint": receiver.endpoint,
+                "protocol": "http/protobuf",
+                "jsonl_path": str(jsonl),
+            },
         )
-        with running_app(config, "moe-obs-tests") as (http, grpc_target):
-            yield Served(
-                http,
-                grpc_target,
-                tiny_gemma4,
-                jsonl,
-                receiver,
-            )
+        with running_app(config, "moe-obs-tests", Traced, jsonl=jsonl, receiver=receiver) as app:
+            yield app
 
 
 def _traceparent() -> tuple[str, str, str]:
@@ -142,9 +118,9 @@ def _no_prompt_anywhere(spans: list[dict[str, Any]]) -> None:
         assert SECRET_PROMPT not in json.dumps(span["attributes"]), span
 
 
-def test_http_completion_joins_the_callers_trace(served: Served) -> None:
+def test_http_completion_joins_the_callers_trace(served: Traced) -> None:
     traceparent, trace_id, caller_span = _traceparent()
-    out = served.client().completions.create(
+    out = served.client(max_retries=0).completions.create(
         model=MODEL,
         prompt=SECRET_PROMPT,
         max_tokens=5,
@@ -161,16 +137,19 @@ def test_http_completion_joins_the_callers_trace(served: Served) -> None:
     assert _one(spans, "moe.ingress")["attributes"]["http.response.status_code"] == 200
     _no_prompt_anywhere(spans)
     # The same spans also went over OTLP/HTTP (vLLM's included).
-    deadline = time.monotonic() + 60
     want = {s["span_id"] for s in spans}
-    while not want <= {s["span_id"] for s in served.receiver.snapshot()}:
-        assert time.monotonic() < deadline, "spans never reached the OTLP receiver"
-        time.sleep(0.5)
+    wait_until(
+        lambda: {s["span_id"] for s in served.receiver.snapshot()},
+        60,
+        0.5,
+        "spans never reached the OTLP receiver",
+        ok=want.issubset,
+    )
 
 
-def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Served) -> None:
+def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Traced) -> None:
     before = {s["trace_id"] for s in served.spans()}
-    stream = served.client().chat.completions.create(
+    stream = served.client(max_retries=0).chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": SECRET_PROMPT}],
         max_tokens=4,
@@ -179,19 +158,18 @@ def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Served) ->
         extra_body={"ignore_eos": True},
     )
     assert len([c for c in stream if c.choices and c.choices[0].delta.content]) >= 1
-    deadline = time.monotonic() + 60
-    while True:
-        new = [
+    new = wait_until(
+        lambda: [
             s
             for s in served.spans()
             if s["trace_id"] not in before
             and s["name"] == "moe.ingress"
             and s["attributes"]["moe.endpoint"] == "/v1/chat/completions"
-        ]
-        if new:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+        ],
+        60,
+        0.2,
+        "no new moe.ingress span",
+    )
     assert len(new) == 1 and new[0]["attributes"]["moe.endpoint"] == "/v1/chat/completions"
     spans = served.trace(new[0]["trace_id"], _has("moe.engine", "llm_request"))
     engine = _complete_tree(spans, None)
@@ -200,7 +178,7 @@ def test_http_streamed_chat_without_traceparent_is_a_new_root(served: Served) ->
     _no_prompt_anywhere(spans)
 
 
-def test_grpc_unary_and_streaming_take_traceparent_from_metadata(served: Served) -> None:
+def test_grpc_unary_and_streaming_take_traceparent_from_metadata(served: Traced) -> None:
     stub = served.stub()
     sampling = pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     traceparent, trace_id, caller = _traceparent()
@@ -226,7 +204,7 @@ def test_grpc_unary_and_streaming_take_traceparent_from_metadata(served: Served)
     assert _one(spans, "moe.ingress")["attributes"]["rpc.method"] == "Generate"
 
 
-def test_endpoints_besides_generation_have_spans_too(served: Served) -> None:
+def test_endpoints_besides_generation_have_spans_too(served: Traced) -> None:
     for path in ("/health", "/metrics", "/v1/models", "/v1/moe/state"):
         traceparent, trace_id, caller = _traceparent()
         response = httpx.get(f"{served.http}{path}", headers={"traceparent": traceparent})
@@ -250,11 +228,11 @@ def test_endpoints_besides_generation_have_spans_too(served: Served) -> None:
         assert ingress["attributes"]["rpc.grpc.status_code"] == "OK"
 
 
-def test_failed_requests_have_error_spans(served: Served) -> None:
+def test_failed_requests_have_error_spans(served: Traced) -> None:
     # Refused by the ingress (unknown model): the trace is the ingress span alone.
     traceparent, trace_id, caller = _traceparent()
     with pytest.raises(openai.BadRequestError):
-        served.client().completions.create(
+        served.client(max_retries=0).completions.create(
             model="nope", prompt="x", extra_headers={"traceparent": traceparent}
         )
     ingress = _one(served.trace(trace_id, _has("moe.ingress")), "moe.ingress")
@@ -264,7 +242,7 @@ def test_failed_requests_have_error_spans(served: Served) -> None:
     # Refused by the engine (vLLM's validation): ingress and engine spans, both errors.
     traceparent, trace_id, caller = _traceparent()
     with pytest.raises(openai.BadRequestError):
-        served.client().completions.create(
+        served.client(max_retries=0).completions.create(
             model=MODEL, prompt="x", temperature=-1, extra_headers={"traceparent": traceparent}
         )
     spans = served.trace(trace_id, _has("moe.ingress", "moe.engine"))
@@ -293,13 +271,13 @@ def _rank_counts(text: str) -> dict[str, float]:
     return {rank: float(v) for rank, v in _RANK.findall(text)}
 
 
-def test_expert_load_counts_every_routed_token_on_both_ep_ranks(served: Served) -> None:
+def test_expert_load_counts_every_routed_token_on_both_ep_ranks(served: Traced) -> None:
     config = json.loads((served.model_dir / "config.json").read_text())
     text_config = config.get("text_config", config)
     layers, top_k = text_config["num_hidden_layers"], text_config["top_k_experts"]
     before = _rank_counts(served.metrics())
     new_tokens = 6
-    out = served.client().completions.create(
+    out = served.client(max_retries=0).completions.create(
         model=MODEL,
         prompt="a prompt used by no other test: expert load " + secrets.token_hex(4),
         max_tokens=new_tokens,
@@ -310,21 +288,25 @@ def test_expert_load_counts_every_routed_token_on_both_ep_ranks(served: Served) 
     # The forward passes: the prompt once, then each generated token but the last.
     tokens = out.usage.prompt_tokens + new_tokens - 1
     expected = tokens * top_k * layers
-    deadline = time.monotonic() + 60
-    while True:
+
+    def routed() -> tuple[str, dict[str, float], float]:
         text = served.metrics()
         after = _rank_counts(text)
-        delta = sum(after.values()) - sum(before.values())
-        if delta == expected:
-            break
-        assert time.monotonic() < deadline, f"routed {delta} != {expected} ({before} -> {after})"
-        time.sleep(0.3)
+        return text, after, sum(after.values()) - sum(before.values())
+
+    text, after, _ = wait_until(
+        routed,
+        60,
+        0.3,
+        lambda r: f"routed {r[2]} != {expected} ({before} -> {r[1]})",
+        ok=lambda r: r[2] == expected,
+    )
     assert set(after) == {"0", "1"}
     assert all(after[r] > before.get(r, 0) for r in after), (before, after)
     assert sum(float(v) for v in _EXPERT.findall(text)) == sum(after.values())
 
 
-def test_bounded_imbalance_signals_and_live_state(served: Served) -> None:
+def test_bounded_imbalance_signals_and_live_state(served: Traced) -> None:
     """After routed traffic (the test above), the per-layer imbalance series cover every MoE
     layer, the replica's worst layer is >= 1, and GET /v1/moe/state carries the engine's
     worst-layer imbalance for the operator's status (moe_serving.imbalance)."""
@@ -333,19 +315,26 @@ def test_bounded_imbalance_signals_and_live_state(served: Served) -> None:
     served.client().completions.create(
         model=MODEL, prompt="imbalance " + secrets.token_hex(4), max_tokens=4, temperature=0
     )
-    deadline = time.monotonic() + 60
-    while True:
-        text = served.metrics()
-        rank = re.findall(
-            r'^moe_layer_rank_imbalance\{[^}]*layer="(\d+)"[^}]*\} (\S+)$', text, re.M
+    rank_re = re.compile(r'^moe_layer_rank_imbalance\{[^}]*layer="(\d+)"[^}]*\} (\S+)$', re.M)
+    worst_re = re.compile(r"^moe_ep_imbalance_worst\{[^}]*\} (\S+)$", re.M)
+
+    def read() -> tuple[str, dict[str, Any]]:
+        return served.metrics(), httpx.get(f"{served.http}/v1/moe/state", timeout=30).json()
+
+    def complete(got: tuple[str, dict[str, Any]]) -> bool:
+        text, state = got
+        layers_seen = {layer for layer, _ in rank_re.findall(text)}
+        return (
+            len(layers_seen) == layers
+            and bool(worst_re.search(text))
+            and bool(state["load"].get("expert_imbalance"))
         )
-        worst = re.search(r"^moe_ep_imbalance_worst\{[^}]*\} (\S+)$", text, re.M)
-        load = httpx.get(f"{served.http}/v1/moe/state", timeout=30).json()["load"]
-        if len({layer for layer, _ in rank}) == layers and worst and load["expert_imbalance"]:
-            break
-        assert time.monotonic() < deadline, (rank, worst, load)
-        time.sleep(1)
-    assert all(float(v) >= 1.0 for _, v in rank)
+
+    text, state = wait_until(read, 60, 1.0, "imbalance signals never appeared", ok=complete)
+    load = state["load"]
+    worst = worst_re.search(text)
+    assert worst is not None
+    assert all(float(v) >= 1.0 for _, v in rank_re.findall(text))
     assert float(worst.group(1)) >= 1.0
     assert load["expert_imbalance"] >= 1.0
     hot = re.findall(r'^moe_layer_hot_expert_share\{[^}]*place="1"[^}]*\} (\S+)$', text, re.M)
@@ -353,7 +342,7 @@ def test_bounded_imbalance_signals_and_live_state(served: Served) -> None:
     print(f"\nworst-layer EP imbalance {worst.group(1)}, live {load['expert_imbalance']}")
 
 
-def test_request_metrics(served: Served) -> None:
+def test_request_metrics(served: Traced) -> None:
     text = served.metrics()
     ok = re.search(r'^moe_engine_requests_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', text, re.M)
     assert ok and float(ok.group(1)) >= 1

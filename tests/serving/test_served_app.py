@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import openai
-import oracle
 import pytest
-from local_app import running_app
 
 from moe_serving import live_state
-from moe_serving.config import AppConfig
 from moe_serving.proto import inference_pb2 as pb
-from moe_serving.proto import inference_pb2_grpc as pb_grpc
+from tests.support import oracle
+from tests.support.appconfig import tiny_app_config
+from tests.support.served import Served, full_queue, running_app
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -42,52 +39,20 @@ HOURLY_USD = 2.0  # price of one replica, for the live cost series
 LONG = 1900  # tokens: seconds of generation, far longer than the test needs to act
 
 
-@dataclass
-class Served:
-    http: str  # base URL, e.g. http://127.0.0.1:8123
-    grpc_target: str
-    model_dir: Path
-
-    def client(self, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.http}/v1", api_key="unused", **kwargs)
-
-    def stub(self) -> pb_grpc.InferenceServiceStub:
-        return pb_grpc.InferenceServiceStub(grpc.insecure_channel(self.grpc_target))
-
-    def depth(self) -> dict[str, Any]:
-        body: dict[str, Any] = httpx.get(f"{self.http}/health", timeout=30).json()
-        return body
-
-    def wait_depth(self, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 120) -> None:
-        """Poll the replica's queue depth until `ok` (a generous bound: only a hang fails)."""
-        deadline = time.monotonic() + timeout_s
-        while not ok(depth := self.depth()):
-            assert time.monotonic() < deadline, f"queue depth never settled: {depth}"
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_gemma4: Path) -> Iterator[Served]:
-    config = AppConfig.model_validate(
-        {
-            "deployment_name": "moe-test",
-            "engine": {
-                "model": str(tiny_gemma4),
-                "served_model_name": MODEL,
-                "dtype": "float32",
-                "max_model_len": 2048,
-                "tensor_parallel_size": 2,
-                "enable_expert_parallel": True,
-                "enforce_eager": True,
-            },
-            "max_ongoing_requests": MAX_ONGOING,
-            "max_queued_requests": MAX_QUEUED,
-            "request_timeout_s": 300,
-            "hourly_cost_per_replica_usd": HOURLY_USD,
-        }
+    config = tiny_app_config(
+        tiny_gemma4,
+        "moe-test",
+        served_model_name=MODEL,
+        tensor_parallel_size=2,
+        enable_expert_parallel=True,
+        max_ongoing_requests=MAX_ONGOING,
+        max_queued_requests=MAX_QUEUED,
+        hourly_cost_per_replica_usd=HOURLY_USD,
     )
-    with running_app(config, "moe-serving-tests") as (http, grpc_target):
-        yield Served(http, grpc_target, tiny_gemma4)
+    with running_app(config, "moe-serving-tests") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +172,7 @@ def live(served: Served) -> dict[str, Any]:
 
 def wait_live(served: Served, ok: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> None:
     """Poll /v1/moe/state until `ok(load)` (replicas report every few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while not ok(load := live(served)["load"]):
-        assert time.monotonic() < deadline, f"live state never settled: {load}"
-        time.sleep(0.2)
+    wait_until(lambda: live(served)["load"], timeout_s, 0.2, "live state never settled", ok=ok)
 
 
 def test_live_state_counts_replicas_and_generated_tokens(served: Served) -> None:
@@ -421,24 +383,8 @@ def test_full_queue_answers_503_and_resource_exhausted(served: Served) -> None:
         "ignore_eos": True,
         "stream": True,
     }
-    release = threading.Event()
-    statuses: list[int] = []
-
-    def hold_one() -> None:
-        with httpx.stream(
-            "POST", f"{served.http}/v1/completions", json=body, timeout=120
-        ) as response:
-            statuses.append(response.status_code)
-            release.wait(120)
-
-    with ExitStack() as stack:
-        threads = [threading.Thread(target=hold_one) for _ in range(MAX_ONGOING + MAX_QUEUED)]
-        for thread in threads:
-            thread.start()
-            stack.callback(thread.join)
-        stack.callback(release.set)
-        # Two requests run in vLLM and two wait in the replica's queue: it is full.
-        served.wait_depth(lambda d: d["in_engine"] == MAX_ONGOING and d["queued"] == MAX_QUEUED)
+    # Two requests run in vLLM and two wait in the replica's queue: it is full.
+    with full_queue(served, body, MAX_ONGOING, MAX_QUEUED) as statuses:
         # The operator's view of the same load (what goes into status.queueDepth).
         wait_live(
             served, lambda load: load["waiting"] == MAX_QUEUED and load["running"] == MAX_ONGOING

@@ -79,7 +79,7 @@ def test_transformers_generates_non_trivial_text(
     arch: Arch, tiny_models: Callable[[Arch], Path]
 ) -> None:
     """The random model must not just echo one token: the oracle comparison would be vacuous."""
-    import oracle
+    from tests.support import oracle
 
     path = tiny_models(arch)
     prompt = oracle.encode(path, "The expert router sends a token to")

@@ -1,7 +1,7 @@
 """The CRD's CEL rules and the Python checks agree, on the examples and on generated specs.
 
-The CEL of `x-kubernetes-validations` is evaluated with cel-python (tests/k8s_schema.py, which
-applies the whole structural schema as kube-apiserver does: pruning, defaults, then rules).
+The CEL of `x-kubernetes-validations` is evaluated with cel-python (tests/support/k8s_schema.py,
+which applies the whole structural schema as kube-apiserver does: pruning, defaults, then rules).
 Quantities are also checked against Kubernetes' own parser, ported below from
 k8s.io/apimachinery/pkg/api/resource/quantity.go (parseQuantityString + ParseQuantity) and
 suffix.go (interpret): every value we accept must be one Kubernetes accepts.
@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from k8s_schema import Schema, evaluate_rule, load_crd_schema
 from pydantic import ValidationError
 from unit_support import EXAMPLES, KUBERAY_CRDS, ROOT, load
 
 from moe_operator import crdgen
 from moe_operator.api import MoEDeployment
 from moe_operator.quantity import cel_rule, is_quantity, parse_quantity
+from tests.support.k8s_schema import Schema, evaluate_rule, load_crd_schema
 
 CRD_SCHEMA = Schema(crdgen.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 GEMMA = load(ROOT / "manifests" / "examples" / "gemma4-26b-a4b-a100-80gb.yaml")

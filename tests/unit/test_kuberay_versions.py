@@ -1,9 +1,9 @@
 """The rendered RayService against the CRD of every KubeRay release, and what a refusal means.
 
 KubeRay's CRDs per release are read from ../shared/kuberay-crds/versions/<tag>/ (skipped when
-absent) and applied as kube-apiserver applies a CRD's structural schema (tests/k8s_schema.py):
-unknown fields are errors (server-side apply refuses them), then defaults, types, enums,
-patterns and CEL rules.
+absent) and applied as kube-apiserver applies a CRD's structural schema
+(tests/support/k8s_schema.py): unknown fields are errors (server-side apply refuses them), then
+defaults, types, enums, patterns and CEL rules.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import copy
 from typing import Any
 
 import pytest
-from k8s_schema import Schema, load_crd_schema
 from unit_support import CLUSTER_EXAMPLES, KUBERAY_CRDS, ROOT, load
 
 from moe_operator.api import MoEDeploymentSpec
@@ -20,6 +19,7 @@ from moe_operator.kube import ApiError
 from moe_operator.kuberay import MIN_KUBERAY, supported
 from moe_operator.planner import plan
 from moe_operator.render import Owner, render
+from tests.support.k8s_schema import Schema, load_crd_schema
 
 VERSIONS = KUBERAY_CRDS / "versions"
 RELEASES = sorted(p.name for p in VERSIONS.iterdir()) if VERSIONS.is_dir() else []

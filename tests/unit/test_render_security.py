@@ -1,13 +1,11 @@
 """Every pod the operator renders meets the "restricted" Pod Security Standard.
 
-Uses the same checker as the chart tests (tests/chart/pod_security.py), loaded by path.
+Uses the same checker as the chart tests (tests/support/pod_security.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,15 +14,7 @@ from unit_support import CLUSTER_EXAMPLES, ROOT, load
 from moe_operator.api import MoEDeploymentSpec
 from moe_operator.planner import plan
 from moe_operator.render import Owner, render
-
-
-def _checker() -> ModuleType:
-    path = ROOT / "tests" / "chart" / "pod_security.py"
-    spec = importlib.util.spec_from_file_location("pod_security_checker", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.support.pod_security import restricted_violations
 
 
 def _pods(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -39,7 +29,6 @@ def _pods(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize("path", CLUSTER_EXAMPLES, ids=lambda p: p.name)
 def test_rendered_pods_are_restricted(path: Path) -> None:
-    checker = _checker()
     for name, template in _pods(path):
         pod = {
             "apiVersion": "v1",
@@ -47,7 +36,7 @@ def test_rendered_pods_are_restricted(path: Path) -> None:
             "metadata": {"name": name},
             "spec": template["spec"],
         }
-        assert checker.restricted_violations(pod) == [], name
+        assert restricted_violations(pod) == [], name
 
 
 def test_autoscaler_sidecar_is_restricted() -> None:
@@ -61,8 +50,7 @@ def test_autoscaler_sidecar_is_restricted() -> None:
 
 
 def test_checker_catches_a_privileged_engine() -> None:
-    checker = _checker()
     _, template = _pods(CLUSTER_EXAMPLES[0])[1]
     template["spec"]["containers"][0]["securityContext"]["privileged"] = True
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w"}, "spec": template["spec"]}
-    assert checker.restricted_violations(pod)
+    assert restricted_violations(pod)

@@ -1,7 +1,7 @@
 """Test harness: the API emulator's kinds, the operator run in-process, a KubeRay stand-in.
 
 The operator is the real one (`moe_operator.handlers` under `kopf.operator`), talking HTTP to
-`ApiServer` (kmock's emulator extended in emulator.py). It logs in through its own login
+`ApiServer` (kmock's emulator extended in kube_emulator.py). It logs in through its own login
 handler from a kubeconfig that points at the emulator. KubeRay cannot run here: `KubeRay`
 below writes the RayService status the way KubeRay's controller would (the only stand-in).
 """
@@ -13,20 +13,21 @@ import contextlib
 import copy
 import logging
 import pathlib
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import kmock
 import kopf
-import kube_emulator as em
 import pytest
 import yaml
-from k8s_schema import load_crd_schema
 
 from moe_operator import crdgen
 from moe_operator.api import GROUP, KIND, PLURAL, VERSION
+
+from . import kube_emulator as em
+from .k8s_schema import load_crd_schema
+from .ports import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
@@ -59,21 +60,6 @@ def mixtral(name: str = "mixtral", namespace: str = NS) -> dict[str, Any]:
     body = copy.deepcopy(example("mixtral-8x7b-2xa100-40gb.yaml"))
     body["metadata"] = {"name": name, "namespace": namespace}
     return body
-
-
-async def eventually(
-    check: Callable[[], Any], *, timeout: float = 30.0, message: str = "condition"
-) -> Any:
-    """Poll until `check()` is truthy (a liveness bound, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: Any = None
-    while loop.time() < deadline:
-        last = check()
-        if last:
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {message}; last value: {last!r}")
 
 
 class Reconciles(logging.Handler):
@@ -360,13 +346,6 @@ def kuberay_crd(file: str, release: str | None = None) -> pathlib.Path | None:
         pytest.skip(f"KubeRay {release} CRDs not found at {folder} (../shared/kuberay-crds)")
     path = folder / file
     return path if path.is_file() else None
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def retrying(action: Callable[[], Awaitable[Any]], *, timeout: float = 30.0) -> Any:

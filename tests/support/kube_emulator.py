@@ -17,7 +17,7 @@ HTTP server, request parsing and discovery endpoints and replaces the object han
   (a real HTTP round trip to kopf's webhook server), and the API server's own validation of
   those configurations (webhook_rules.py: a configuration it would refuse is a 422 here too);
 * the structural schema of kinds registered with one (our CRD, KubeRay's RayService when its CRDs
-  are present; tests/k8s_schema.py): unknown fields pruned (`fieldValidation=Strict`: 400), nulls
+  are present; k8s_schema.py): unknown fields pruned (`fieldValidation=Strict`: 400), nulls
   pruned, defaults filled in, types / enums / bounds / patterns / CEL rules checked (422 Invalid),
   and a server-side apply naming a field the schema lacks refused as kube-apiserver refuses it:
   HTTP 500 "failed to create typed patch object ...: field not declared in schema";
@@ -44,10 +44,11 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kmock
-import webhook_rules
 import yaml
-from k8s_schema import Schema
 from kmock._internal import rendering
+
+from . import webhook_rules
+from .k8s_schema import Schema
 
 Obj = dict[str, Any]
 Key = tuple[str, str | None, str]  # (resource key "group/version/plural", namespace, name)

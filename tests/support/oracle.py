@@ -1,9 +1,7 @@
 """Reference output for a checkpoint: Hugging Face transformers' greedy decoding.
 
 Greedy decoding (temperature 0) of the same fp32 weights in transformers is an exact oracle for
-what the vLLM engine must produce, token for token. Test-only (not shipped in moe_serving):
-tests import it by name, as tests/ is on their path (pytest puts the folder of
-tests/conftest.py there).
+what the vLLM engine must produce, token for token. Test-only (not shipped in moe_serving).
 """
 
 from __future__ import annotations

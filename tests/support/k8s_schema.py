@@ -1,6 +1,6 @@
 """What kube-apiserver does with a custom resource and its CRD's structural schema, for tests.
 
-Shared by the API emulator (tests/operator/kube_emulator.py) and the unit tests. It follows the
+Shared by the API emulator (kube_emulator.py) and the unit tests. It follows the
 upstream behaviour, documented in "Extend the Kubernetes API with CustomResourceDefinitions"
 (kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/):
 
