@@ -836,6 +836,10 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         "",
         *autoscaling_lines(results),
         "",
+        "## Decode roofline vs measured (this CPU)",
+        "",
+        *roofline_lines(results),
+        "",
         "## Sections",
         "",
         "| section | status | detail |",
@@ -850,6 +854,38 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def roofline_lines(results: dict[str, Any]) -> list[str]:
+    """The `roofline` section: the planner's formula at the probed bandwidth vs vLLM."""
+    r = results.get("roofline")
+    if not r:
+        return ["Not run."]
+    pred = r["predicted"]["tokens_per_s_by_efficiency"]
+    ratio = r["ratio_measured_to_predicted"]
+    measured = r["measured"]["decode_tokens_per_s"]
+    return [
+        "The planner's decode roofline (operator/moe_operator/throughput.py) for the tiny model",
+        "and the sweep's layout, with this machine's memory bandwidth from a copy probe, against",
+        "vLLM's",
+        f"decode rate for a batch of {r['batch']} sequences ({r['prompt_tokens']}-token prompts,",
+        f"{r['tokens']} tokens each; decode = batch x (N - 1) / (time(N) - time(1))).",
+        "",
+        "| bandwidth (probe) | predicted, 50% of it | predicted, 100% | measured | measured / "
+        "predicted (50%) | measured / predicted (100%) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {r['bandwidth_gbs']:.1f} GB/s | {pred['0.5']:,.0f} tok/s | {pred['1']:,.0f} tok/s | "
+        + (f"{measured:,.0f} tok/s" if measured else "-")
+        + f" | {_ratio_text(ratio.get('0.5'))} | {_ratio_text(ratio.get('1'))} |",
+        "",
+        "A ratio far below 1 says the tiny model on 2 CPU cores is bound by compute and",
+        "per-step overhead, not by memory bandwidth: the roofline is an upper bound, meaningful",
+        "for large models on GPUs, where decode streams gigabytes of weights per step.",
+    ]
+
+
+def _ratio_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
 
 
 def write(results: dict[str, Any], out_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """`make bench`: measure us against the systems a user would pick instead, on this machine.
 
-    .venv/bin/python -m bench.run [--quick] [--only serving,ep,autoscaling,operator]
+    .venv/bin/python -m bench.run [--quick] [--only serving,ep,autoscaling,operator,roofline]
 
 Sections, in order, one system at a time (only one engine may run on this machine):
   serving      bare vLLM (baseline), Ray Serve LLM, ours over HTTP and over gRPC: a
@@ -12,6 +12,8 @@ Sections, in order, one system at a time (only one engine may run on this machin
   ep           ours with expert parallelism off (same model and settings) vs on
   autoscaling  ours with autoscaling 1..2: load step -> decision -> new replica serving
   operator     the operator against the Kubernetes API emulator: 1, 50, 200 MoEDeployments
+  roofline     the planner's decode roofline vs vLLM's measured decode rate on this CPU, with
+               the memory bandwidth a probe measures here (bench/roofline.py)
 
 A full run writes bench/RESULTS.md, bench/results.json and bench/*.png. A partial run
 (`--only`, `--quick`) writes to a fresh folder under /tmp unless `--out-dir` says otherwise, so
@@ -62,7 +64,7 @@ ROOT = BENCH.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SECTIONS = ("serving", "ep", "autoscaling", "operator")
+SECTIONS = ("serving", "ep", "autoscaling", "operator", "roofline")
 PORTS = {"vllm": 8100, "ray-serve-llm": 8200, "ours": 8300, "ours-grpc": 9300}
 
 
@@ -482,6 +484,38 @@ def run_operator(plan: Plan, work: Path, results: dict[str, Any]) -> None:
         raise RuntimeError("; ".join(errors))
 
 
+# --------------------------------------------------------------------------------- roofline
+
+
+def run_roofline(settings: EngineSettings, work: Path, results: dict[str, Any]) -> None:
+    """bench/roofline.py in its own process (one engine, gone when it exits)."""
+    import subprocess
+
+    out = work / "roofline.json"
+    engine = settings.engine_kwargs()
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.roofline",
+        "--model",
+        str(settings.model_dir),
+        "--engine",
+        json.dumps(engine),
+        "--out",
+        str(out),
+        "--batch",
+        str(settings.max_num_seqs),
+    ]
+    log = work / "roofline.log"
+    with log.open("w") as fh:
+        done = subprocess.run(
+            cmd, cwd=ROOT, env={**os.environ, **settings.env()}, stdout=fh, stderr=fh, check=False
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.roofline exited {done.returncode}; see {log}")
+    results["roofline"] = json.loads(out.read_text())
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -557,7 +591,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: Sections whose results are self-contained (their own key in results.json).
-MERGEABLE = ("autoscaling", "operator")
+MERGEABLE = ("autoscaling", "operator", "roofline")
 
 
 def merge(results: dict[str, Any], into: Path) -> dict[str, Any]:
@@ -687,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif section == "autoscaling":
                     assert settings is not None
                     run_autoscaling(settings, plan, work, results)
+                elif section == "roofline":
+                    assert settings is not None
+                    run_roofline(settings, work, results)
                 else:
                     run_operator(plan, work, results)
                 results["sections"][section] = {

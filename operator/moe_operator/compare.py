@@ -57,32 +57,26 @@ class Comparison(BaseModel):
     expert_parallelism: str = Field(description="The plain answer: does EP pay for this spec.")
 
 
-def _row(p: Plan, ep_on: bool, chosen: Plan | None) -> Row:
-    same = chosen is not None and (
+def _key(p: Plan) -> tuple[int, ...]:
+    return (
+        p.expert_parallel_size,
         p.tensor_parallel_size,
         p.data_parallel_size,
         p.pipeline_parallel_size,
-        p.expert_parallel_size,
-    ) == (
-        chosen.tensor_parallel_size,
-        chosen.data_parallel_size,
-        chosen.pipeline_parallel_size,
-        chosen.expert_parallel_size,
     )
+
+
+def _row(p: Plan, ep_on: bool, chosen: Plan | None) -> Row:
+    # Fields named alike in Row and Plan (the sizes, GPUs, nodes, KV capacity) are the plan's.
+    same = {name: getattr(p, name) for name in Row.model_fields.keys() & Plan.model_fields.keys()}
     return Row(
+        **same,
         layout=p.summary,
         expert_parallel=ep_on,
-        expert_parallel_size=p.expert_parallel_size,
-        tensor_parallel_size=p.tensor_parallel_size,
-        data_parallel_size=p.data_parallel_size,
-        pipeline_parallel_size=p.pipeline_parallel_size,
-        gpus_per_replica=p.gpus_per_replica,
-        nodes_per_replica=p.nodes_per_replica,
-        max_full_length_sequences=p.max_full_length_sequences,
         output_tokens_per_s=p.assumed_output_tokens_per_s,
         hourly_usd=p.hourly_cost_per_replica,
         usd_per_million_output_tokens=p.cost_per_million_output_tokens,
-        chosen=same,
+        chosen=chosen is not None and _key(p) == _key(chosen),
     )
 
 

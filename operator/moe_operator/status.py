@@ -291,23 +291,21 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
     desired = inputs.desired_replicas
     if live is not None and live.desired_replicas is not None:
         desired = live.desired_replicas  # the autoscaler's current target
-    if desired is not None:
-        status["desiredReplicas"] = desired
-    if inputs.selector is not None:
-        status["selector"] = inputs.selector
-    if inputs.plan is not None:
-        status["plan"] = inputs.plan
-    if inputs.endpoints is not None:
-        status["endpoints"] = inputs.endpoints
+    optional: Obj = {
+        "desiredReplicas": desired,
+        "selector": inputs.selector,
+        "plan": inputs.plan,
+        "endpoints": inputs.endpoints,
+    }
     if live is not None:
         status["queueDepth"] = live.queue_depth
         status["servingReplicas"] = live.serving_replicas
-        if live.output_tokens_per_second is not None:
-            status["outputTokensPerSecond"] = live.output_tokens_per_second
-        if live.cost_per_million_tokens is not None:
-            status["costPerMillionTokens"] = live.cost_per_million_tokens
-        if live.expert_imbalance is not None:
-            status["expertImbalance"] = live.expert_imbalance
+        optional |= {
+            "outputTokensPerSecond": live.output_tokens_per_second,
+            "costPerMillionTokens": live.cost_per_million_tokens,
+            "expertImbalance": live.expert_imbalance,
+        }
+    status.update({key: value for key, value in optional.items() if value is not None})
     return status
 
 
