@@ -32,6 +32,7 @@ from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
 from moe_serving.protocol import Event, Kind, Reason, Refusal, ResponseHead, error_body
+from moe_serving.request_cost import RequestCost
 from moe_serving.vllm_args import build_namespace, cpu_env_defaults
 
 if TYPE_CHECKING:
@@ -311,7 +312,7 @@ class EngineServer:
         try:
             async with self.admission.slot():
                 request.admitted()
-                async for event in self._run(kind, parsed):
+                async for event in self._run(kind, parsed, request):
                     yield event
         except (asyncio.CancelledError, GeneratorExit):
             # Client gone (Ray cancels this generator): vLLM's own generator aborts the request.
@@ -354,7 +355,7 @@ class EngineServer:
             ).events()
         return request
 
-    async def _run(self, kind: Kind, request: Any) -> AsyncIterator[Event]:
+    async def _run(self, kind: Kind, request: Any, seen: EngineRequest) -> AsyncIterator[Event]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         state = self._state
@@ -387,12 +388,13 @@ class EngineServer:
             yield ResponseHead(200, stream=True)
             options = getattr(request, "stream_options", None)
             usage = bool(options and getattr(options, "include_usage", False))
-            for chunk in tool_choice.as_stream(with_reasoning_content(result.model_dump()), usage):
+            whole = with_costs(with_reasoning_content(result.model_dump()), seen.cost)
+            for chunk in tool_choice.as_stream(whole, usage):
                 yield chunk
             return
         if hasattr(result, "model_dump"):
             yield ResponseHead(200, stream=False)
-            yield with_reasoning_content(result.model_dump())
+            yield with_costs(with_reasoning_content(result.model_dump()), seen.cost)
             return
         yield ResponseHead(200, stream=True)
         try:
@@ -400,7 +402,7 @@ class EngineServer:
                 if _is_sse_error(chunk) and self.engine_dead():
                     # vLLM turns the dead engine into a 500 error chunk: say it is retryable.
                     chunk = f"data: {json.dumps(self._engine_dead().body())}\n\n"
-                yield sse_with_reasoning_content(chunk)
+                yield sse_with_costs(sse_with_reasoning_content(chunk), seen.cost)
         except Exception as exc:
             if self.engine_dead():
                 payload = json.dumps(self._engine_dead().body())
@@ -423,6 +425,27 @@ class EngineServer:
             "the engine of the replica serving this request died; it is being replaced, retry",
             retry_after_s=5,
         )
+
+
+def with_costs(body: dict[str, Any], cost: RequestCost | None) -> dict[str, Any]:
+    """The request's cost in its `usage` (extension fields; request_cost.py says how)."""
+    usage = body.get("usage")
+    if cost is not None and isinstance(usage, dict):
+        usage.update(cost.usage_fields())
+    return body
+
+
+def sse_with_costs(chunk: Any, cost: RequestCost | None) -> Any:
+    """`with_costs` on the stream's usage chunk (sent when stream_options.include_usage)."""
+    if cost is None or not isinstance(chunk, str) or '"usage"' not in chunk:
+        return chunk
+    try:
+        payload = json.loads(chunk[len("data: ") :])
+    except ValueError:
+        return chunk
+    if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+        return chunk  # "usage": null on the other chunks
+    return f"data: {json.dumps(with_costs(payload, cost))}\n\n"
 
 
 def with_reasoning_content(body: dict[str, Any]) -> dict[str, Any]:

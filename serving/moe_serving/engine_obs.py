@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from moe_serving import expert_load, hops, metrics, tracing
+from moe_serving import expert_load, hops, metrics, request_cost, tracing
 from moe_serving.config import AppConfig
 from moe_serving.protocol import ResponseHead
 
@@ -56,6 +56,9 @@ class EngineObserver:
         self.generated_tokens_total = 0
         self.requests_total = 0
         self.active = 0  # requests begun and not yet ended, whatever stage they are at
+        # Each request's share of the replica's price (request_cost.py), when it has a price.
+        price = config.hourly_cost_per_replica_usd
+        self.costs = request_cost.CostMeter(price) if price else None
 
     def environment(self) -> dict[str, str]:
         """Environment for vLLM's processes (set before they start): expert-load directory and
@@ -128,6 +131,7 @@ class EngineRequest:
         self.ttft_s: float | None = None
         self.tpot_s: float | None = None
         self.ended = False
+        self.cost: request_cost.RequestCost | None = None
         self.complete = False  # the whole response was produced (a later cancel is no failure)
         tracer = observer.tracing
         attributes: dict[str, Any] = {
@@ -210,20 +214,42 @@ class EngineRequest:
                     stats.num_generation_tokens - 1
                 )
 
+    def cost_start(self, prompt: Any) -> None:
+        """vLLM received this request: its share of the replica's cost starts."""
+        costs = self.observer.costs
+        if costs is None:
+            return
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        ids = ids if ids is not None else getattr(prompt, "prompt_token_ids", None)
+        costs.start(id(self), len(ids) if ids is not None else 0)
+
+    def _cost_finish(self) -> None:
+        costs = self.observer.costs
+        if costs is not None and self.cost is None:
+            self.cost = costs.finish(id(self))
+
     async def watch(self, outputs: AsyncIterator[Any], delta: bool) -> AsyncIterator[Any]:
         if hops.ENABLED:
             hops.mark("vllm.generate")
-        async for out in outputs:
-            self.output(out, delta)
-            if hops.ENABLED:
-                hops.mark("vllm.output")
-                stats = getattr(out, "metrics", None)
-                if out.finished and stats is not None:
-                    # vLLM's own clock: its arrival and first token (wall time).
-                    hops.mark("vllm.arrival", at_ns=int(stats.arrival_time * 1e9))
-                    first = stats.arrival_time + getattr(stats, "first_token_latency", 0.0)
-                    hops.mark("vllm.first_token", at_ns=int(first * 1e9))
-            yield out
+        costs = self.observer.costs
+        try:
+            async for out in outputs:
+                self.output(out, delta)
+                if costs is not None:
+                    costs.progress(id(self), self.prompt_tokens + sum(self.output_tokens.values()))
+                    if out.finished:
+                        self._cost_finish()
+                if hops.ENABLED:
+                    hops.mark("vllm.output")
+                    stats = getattr(out, "metrics", None)
+                    if out.finished and stats is not None:
+                        # vLLM's own clock: its arrival and first token (wall time).
+                        hops.mark("vllm.arrival", at_ns=int(stats.arrival_time * 1e9))
+                        first = stats.arrival_time + getattr(stats, "first_token_latency", 0.0)
+                        hops.mark("vllm.first_token", at_ns=int(first * 1e9))
+                yield out
+        finally:
+            self._cost_finish()  # aborted or cancelled: the share it had so far
 
     # ---- end ---------------------------------------------------------------------------------
 
@@ -255,6 +281,10 @@ class EngineRequest:
         }
         if self.queue_wait_s is not None:
             attrs["moe.queue_wait_s"] = self.queue_wait_s
+        if self.cost is not None:
+            attrs["moe.cost_usd"] = self.cost.total_usd
+            attrs["moe.prompt_cost_usd"] = self.cost.prompt_usd
+            attrs["moe.output_cost_usd"] = self.cost.output_usd
         if self.ttft_s is not None:
             attrs["moe.time_to_first_token_s"] = self.ttft_s
         if self.tpot_s is not None:
@@ -284,6 +314,7 @@ def instrument_engine(engine: Any) -> None:
             return original(*args, **kwargs)
         if kwargs.get("trace_headers") is None:
             kwargs["trace_headers"] = request.vllm_headers()
+        request.cost_start(args[0] if args else kwargs.get("prompt"))
         params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
         from vllm.sampling_params import RequestOutputKind
 

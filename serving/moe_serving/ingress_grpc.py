@@ -46,6 +46,10 @@ _UNARY: dict[
 }
 
 
+#: Trailing metadata key carrying a unary call's cost in USD (README: Cost per request).
+COST_METADATA_KEY = "moe-cost-usd"
+
+
 class GrpcFront(IngressBase):
     """The gRPC methods of the ingress deployment."""
 
@@ -86,6 +90,11 @@ class GrpcFront(IngressBase):
             abort_grpc_with(grpc_context, exc)
         self.metrics.observe("grpc", method, "OK", started, span)
         response = to_response(call.body)
+        cost = (call.body.get("usage") or {}).get("cost_usd")
+        if cost is not None and grpc_context is not None:
+            # The request's cost (request_cost.py) as trailing metadata: Serve's proxy copies it
+            # onto the client's call with the returned response.
+            grpc_context.set_trailing_metadata(((COST_METADATA_KEY, repr(float(cost))),))
         if hops.ENABLED:
             hops.mark("ingress.out")
         return response

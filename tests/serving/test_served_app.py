@@ -228,6 +228,69 @@ def test_live_cost_per_million_tokens_metric(served: Served) -> None:
     assert cost == pytest.approx(HOURLY_USD / (rate * 3600) * 1e6, rel=1e-6)
 
 
+def test_request_costs_add_up_to_the_replicas_price_under_load(served: Served) -> None:
+    """Every response carries its cost (usage.cost_usd = prompt_cost_usd + output_cost_usd,
+    moe_serving.request_cost); under continuous load (two clients back to back, the replica's
+    two running slots) the requests' costs add up to the replica's price over the window: never
+    more, and at most the idle gaps between a response and the next request less (README:
+    within 20%)."""
+    import threading
+
+    served.wait_depth(lambda d: d["total"] == 0)
+    costs: list[dict[str, float]] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + 12
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < stop:
+                body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True}
+                usage = http.post(f"{served.http}/v1/completions", json=body).json()["usage"]
+                with lock:
+                    costs.append(usage)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(MAX_ONGOING)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    window = time.monotonic() - started
+    assert costs and all(u["cost_usd"] > 0 for u in costs)
+    for u in costs:
+        assert u["cost_usd"] == pytest.approx(u["prompt_cost_usd"] + u["output_cost_usd"])
+        assert u["prompt_cost_usd"] > 0 and u["output_cost_usd"] > 0
+    total = sum(u["cost_usd"] for u in costs)
+    price = HOURLY_USD * window / 3600
+    print(f"\n{len(costs)} requests in {window:.1f}s: costs sum {total:.6f} USD, price {price:.6f}")
+    assert total <= price * 1.001
+    assert total >= price * 0.8
+
+
+def test_stream_usage_and_grpc_trailer_carry_the_cost(served: Served) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    usage = None
+    with httpx.stream("POST", f"{served.http}/v1/completions", json=body, timeout=120) as rsp:
+        for line in rsp.iter_lines():
+            if line.startswith("data: {"):
+                payload = json.loads(line[len("data: ") :])
+                usage = payload.get("usage") or usage
+    assert usage is not None and usage["cost_usd"] > 0
+    _, call = served.stub().Complete.with_call(
+        pb.CompleteRequest(
+            model=MODEL, prompt=PROMPT, sampling=pb.SamplingParams(max_tokens=4, temperature=0)
+        )
+    )
+    trailer = dict(call.trailing_metadata() or ())
+    assert float(trailer["moe-cost-usd"]) > 0
+
+
 # ---- gRPC, through the generated stub -----------------------------------------------------------
 
 
