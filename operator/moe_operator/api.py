@@ -450,6 +450,16 @@ class ServingSpec(ApiModel):
             "'Authorization: Bearer <key>' (HTTP header or gRPC metadata)."
         ),
     )
+    prefix_affinity: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Prefix-cache-aware routing: send each request to the engine replica that holds its "
+            "longest known prompt prefix (agents re-send the same system prompt and tools) "
+            "unless that replica is busier than the others by a queue's worth. auto: on when a "
+            "deployment can have more than one engine replica (maxReplicas > 1 or data "
+            "parallelism)."
+        ),
+    )
     per_expert_metrics: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(

@@ -29,7 +29,7 @@ from moe_operator.catalog import ACCELERATORS, ARCHITECTURES
 from moe_operator.compare import Comparison, compare, table
 from moe_operator.errors import describe
 from moe_operator.planner import Plan, PlanningError, plan
-from moe_operator.render import Owner, RenderError, render
+from moe_operator.render import Owner, RenderError, prefix_affinity, render
 from moe_operator.yamlio import dump_all
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "examples" / "local.yaml"
@@ -110,6 +110,12 @@ def plan_table(dep: MoEDeployment, p: Plan) -> str:
         ("all-to-all", p.all2all_backend or "engine default"),
         ("replicas", f"min {p.min_replicas}, initial {p.initial_replicas}, max {p.max_replicas}"),
         ("parsers", f"tools {p.tool_call_parser or '-'}, reasoning {p.reasoning_parser or '-'}"),
+        (
+            "routing",
+            "prefix-cache affinity (load-balanced)"
+            if prefix_affinity(dep.spec, p)
+            else "Serve's default (power of two choices)",
+        ),
     ]
     if accel.hourly_price_usd or p.hourly_cost_per_replica:
         rows.append(("cost", f"${p.hourly_cost_per_replica:.2f}/hour per replica (estimate)"))

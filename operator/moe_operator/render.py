@@ -239,7 +239,17 @@ def app_config(
         api_key_env="MOE_API_KEY" if spec.serving.api_key_secret_ref else None,
         hourly_cost_per_replica_usd=plan.hourly_cost_per_replica,
         per_expert_metrics=per_expert_metrics(spec, plan),
+        prefix_affinity=prefix_affinity(spec, plan),
     )
+
+
+def prefix_affinity(spec: MoEDeploymentSpec, plan: Plan) -> bool:
+    """`spec.serving.prefixAffinity`, auto resolved: on when there can be several engine
+    replicas to choose from."""
+    choice = spec.serving.prefix_affinity
+    if choice != "auto":
+        return choice == "on"
+    return plan.max_replicas > 1 or plan.data_parallel_size > 1
 
 
 def per_expert_metrics(spec: MoEDeploymentSpec, plan: Plan) -> bool:

@@ -96,6 +96,15 @@ def engine_deployment_options(config: AppConfig) -> dict[str, Any]:
                 runtime_failure_policy="RESTART_GANG",
             ),
         }
+    if config.prefix_affinity:
+        from ray.serve.config import RequestRouterConfig
+
+        router: dict[str, Any] = {
+            "request_router_class": "moe_serving.routing:PrefixAffinityRouter",
+            # Affinity yields to load when the chosen replica waits on more than a queue's worth.
+            "request_router_kwargs": {"imbalance_threshold": max(config.max_ongoing_requests, 1)},
+        }
+        placement["request_router_config"] = RequestRouterConfig(**router)
     return {
         "name": ENGINE_DEPLOYMENT,
         # A fixed count, or replicas following queue depth (moe_serving.autoscaling), counted

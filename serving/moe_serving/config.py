@@ -137,6 +137,13 @@ class AppConfig(_Strict):
             "None: no cost series."
         ),
     )
+    prefix_affinity: bool = Field(
+        False,
+        description=(
+            "Route each request to the engine replica holding its longest known prompt prefix "
+            "while load is balanced (moe_serving.routing); off: Serve's power of two choices."
+        ),
+    )
     per_expert_metrics: bool = Field(
         True,
         description=(

@@ -23,7 +23,7 @@ from moe_serving import hops, live_state
 from moe_serving.config import ENGINE_DEPLOYMENT
 from moe_serving.ingress_base import EngineCall
 from moe_serving.ingress_grpc import GrpcFront
-from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text
+from moe_serving.metrics import app_metrics_text, label_replicas, replicas_text, routing_text
 from moe_serving.outcomes import (
     ClientError,
     engine_failures,
@@ -72,7 +72,11 @@ class Ingress(GrpcFront):
             engine_text = await self._engine_metrics()
             replicas = await asyncio.to_thread(replicas_text, ENGINE_DEPLOYMENT)
             return PlainTextResponse(
-                self.metrics.text() + replicas + await self._app_metrics() + engine_text,
+                self.metrics.text()
+                + routing_text()
+                + replicas
+                + await self._app_metrics()
+                + engine_text,
                 media_type="text/plain; version=0.0.4",
             )
 

@@ -325,6 +325,16 @@ class IngressMetrics:
         return generate_latest(self.registry).decode()
 
 
+def routing_text() -> str:
+    """This ingress's routing decisions, when the prefix-affinity router runs in it."""
+    import sys
+
+    routing = sys.modules.get("moe_serving.routing")  # Serve imports it with the router only
+    if routing is None:
+        return ""
+    return generate_latest(routing.REGISTRY).decode()
+
+
 def replicas_text(deployment: str) -> str:
     """`moe_serving_replicas{state}` of a deployment of the calling replica's application, from
     Ray Serve's status (asked by the ingress; empty text when Serve cannot tell)."""
