@@ -144,6 +144,9 @@ class AppConfig(_Strict):
             "while load is balanced (moe_serving.routing); off: Serve's power of two choices."
         ),
     )
+    imbalance_window_s: float = Field(
+        60.0, gt=0, le=3600, description="Window of the expert-imbalance signals, seconds."
+    )
     per_expert_metrics: bool = Field(
         True,
         description=(

@@ -86,7 +86,10 @@ class EngineObserver:
         self.metrics = metrics.engine_metrics(self.model)
         if self.expert_load_dir is not None:
             metrics.register_expert_load(
-                self.expert_load_dir, self.model, self.config.per_expert_metrics
+                self.expert_load_dir,
+                self.model,
+                self.config.per_expert_metrics,
+                self.config.imbalance_window_s,
             )
         self.parallel = {
             "moe.parallel.tp": engine.tensor_parallel_size,

@@ -149,11 +149,17 @@ class ExpertLoadCollector(Collector):
     """Scrape-time view of the expert-load files of one replica, and the window of counts that
     the imbalance signals (series and live report) are computed over."""
 
-    def __init__(self, directory: Path, model: str, per_expert: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        model: str,
+        per_expert: bool = False,
+        window_s: float = imbalance.WINDOW_S,
+    ) -> None:
         self.directory = directory
         self.model = model
         self.per_expert = per_expert
-        self.window = imbalance.Window()
+        self.window = imbalance.Window(window_s)
         self.lock = threading.Lock()  # scrapes and live reports may run on different threads
 
     def recent(self) -> tuple[ExpertLoad, imbalance.Counts]:
@@ -230,13 +236,19 @@ class ExpertLoadCollector(Collector):
 _EXPERT_COLLECTOR: list[ExpertLoadCollector] = []
 
 
-def register_expert_load(directory: Path, model: str, per_expert: bool = False) -> None:
+def register_expert_load(
+    directory: Path,
+    model: str,
+    per_expert: bool = False,
+    window_s: float = imbalance.WINDOW_S,
+) -> None:
     """Expose the expert-load files (once per process; a new directory replaces the old one)."""
     if _EXPERT_COLLECTOR:
         _EXPERT_COLLECTOR[0].directory = directory
         _EXPERT_COLLECTOR[0].per_expert = per_expert
+        _EXPERT_COLLECTOR[0].window = imbalance.Window(window_s)
         return
-    collector = ExpertLoadCollector(directory, model, per_expert)
+    collector = ExpertLoadCollector(directory, model, per_expert, window_s)
     _EXPERT_COLLECTOR.append(collector)
     REGISTRY.register(collector)
 

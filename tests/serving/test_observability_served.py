@@ -29,6 +29,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.engine
 
+IMBALANCE_WINDOW_S = 4.0  # short, so that one test's traffic leaves the window quickly
 MODEL = "tiny-moe"
 SECRET_PROMPT = "zebra quartz lantern orbit"  # must never appear in a span by default
 
@@ -69,6 +70,7 @@ def served(tiny_gemma4: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             max_model_len=1024,
             tensor_parallel_size=2,
             enable_expert_parallel=True,
+            imbalance_window_s=IMBALANCE_WINDOW_S,
             tracing={
                 "enabled": True,
                 "endpoint": receiver.endpoint,
@@ -312,13 +314,14 @@ def test_bounded_imbalance_signals_and_live_state(served: Traced) -> None:
     worst-layer imbalance for the operator's status (moe_serving.imbalance)."""
     config = json.loads((served.model_dir / "config.json").read_text())
     layers = config.get("text_config", config)["num_hidden_layers"]
-    served.client().completions.create(
-        model=MODEL, prompt="imbalance " + secrets.token_hex(4), max_tokens=4, temperature=0
-    )
     rank_re = re.compile(r'^moe_layer_rank_imbalance\{[^}]*layer="(\d+)"[^}]*\} (\S+)$', re.M)
     worst_re = re.compile(r"^moe_ep_imbalance_worst\{[^}]*\} (\S+)$", re.M)
 
     def read() -> tuple[str, dict[str, Any]]:
+        # Traffic on every read: the signals cover a short window (IMBALANCE_WINDOW_S).
+        served.client().completions.create(
+            model=MODEL, prompt="imbalance " + secrets.token_hex(4), max_tokens=4, temperature=0
+        )
         return served.metrics(), httpx.get(f"{served.http}/v1/moe/state", timeout=30).json()
 
     def complete(got: tuple[str, dict[str, Any]]) -> bool:
@@ -340,6 +343,56 @@ def test_bounded_imbalance_signals_and_live_state(served: Traced) -> None:
     hot = re.findall(r'^moe_layer_hot_expert_share\{[^}]*place="1"[^}]*\} (\S+)$', text, re.M)
     assert len(hot) == layers and all(0 < float(v) <= 1 for v in hot)
     print(f"\nworst-layer EP imbalance {worst.group(1)}, live {load['expert_imbalance']}")
+
+
+def _mean_expert_imbalance(served: Traced) -> float | None:
+    """Mean over MoE layers of max/mean tokens over experts, in the current window."""
+    values = [
+        float(v)
+        for v in re.findall(r"^moe_layer_expert_imbalance\{[^}]*\} (\S+)$", served.metrics(), re.M)
+    ]
+    return sum(values) / len(values) if values else None
+
+
+def _idle_window(served: Traced) -> None:
+    """Let the imbalance window pass with no traffic: the signals then cover nothing."""
+    wait_until(
+        lambda: _mean_expert_imbalance(served) is None,
+        IMBALANCE_WINDOW_S * 4 + 10,
+        1.0,
+        "the window never emptied",
+    )
+
+
+def test_skewed_routing_raises_the_expert_imbalance_signal(served: Traced) -> None:
+    """Prompts of one repeated token drive the router to the same few experts at every
+    position; varied text spreads tokens over the experts. The bounded signal (max/mean over a
+    layer's experts, moe_layer_expert_imbalance) must rise for the first over the second. The
+    model and greedy routing are deterministic, so the comparison is too."""
+    client = served.client()
+
+    def traffic(prompts: list[str]) -> float:
+        for prompt in prompts:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        return wait_until(
+            lambda: _mean_expert_imbalance(served), 30, 0.5, "no imbalance signal after traffic"
+        )
+
+    _idle_window(served)
+    varied = traffic(
+        [
+            "the quick brown fox jumps over the lazy dog near river banks",
+            "expert parallel serving splits experts across ranks of one engine",
+            "1 2 3 4 5 6 7 8 9 10 eleven twelve thirteen fourteen",
+            "Warsaw Lisbon Oslo Kyoto Lima Quito Dakar Perth Hanoi",
+            "def f(x): return x * 2 if x > 0 else -x  # code",
+            "Rain, wind; sun! Snow? Fog... hail - sleet: ice.",
+        ]
+    )
+    _idle_window(served)
+    skewed = traffic([" ".join(["zz"] * 120)] * 6)
+    print(f"\nexpert imbalance (mean over layers): varied {varied:.2f}, skewed {skewed:.2f}")
+    assert skewed > varied
 
 
 def test_request_metrics(served: Traced) -> None:
