@@ -128,7 +128,9 @@ class IngressBase:
                 payload = None if head.stream else await gen.__anext__()
                 if hops.ENABLED and payload is not None:
                     hops.mark("ingress.body")
-        except ClientError:
+        except BaseException:
+            # Refused, failed, or the caller went away (client disconnect, a deadline at the
+            # proxy: CancelledError): the engine request must not run on for nobody.
             if gen is not None:
                 gen.cancel()
             raise
