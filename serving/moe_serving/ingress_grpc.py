@@ -93,8 +93,8 @@ class GrpcFront(IngressBase):
         cost = (call.body.get("usage") or {}).get("cost_usd")
         if cost is not None and grpc_context is not None:
             # The request's cost (request_cost.py) as trailing metadata: Serve's proxy copies it
-            # onto the client's call with the returned response.
-            grpc_context.set_trailing_metadata(((COST_METADATA_KEY, repr(float(cost))),))
+            # onto the client's call with the returned response (a list: Ray prepends its own).
+            grpc_context.set_trailing_metadata([(COST_METADATA_KEY, repr(float(cost)))])
         if hops.ENABLED:
             hops.mark("ingress.out")
         return response

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from moe_serving import live_state
 from tests.support.appconfig import tiny_app_config
 from tests.support.served import Served, running_app
 from tests.support.waiting import wait_until
@@ -72,26 +74,42 @@ def chat(served: Served, messages: list[dict[str, str]]) -> str:
     return str(reply.json()["choices"][0]["message"]["content"])
 
 
+def settled(served: Served, total: float) -> dict[str, float]:
+    """Per-replica counts once they add up to `total`. The ingress shows the replica that answers
+    the scrape fresh and the other as it last reported (up to a few seconds old): only when the
+    sum is complete is every replica's count current (counts only grow)."""
+    return wait_until(
+        lambda: m if sum((m := per_replica(served.metrics())).values()) == total else None,
+        60,
+        0.5,
+        f"the replicas' request counts never added up to {total}",
+    )
+
+
+def stable_total(served: Served) -> float:
+    """The requests counted so far, once two reads a report interval apart agree."""
+    previous = -1.0
+    while True:
+        now = sum(per_replica(served.metrics()).values())
+        if now == previous:
+            return now
+        previous = now
+        time.sleep(live_state.REPORT_INTERVAL_S * 1.5)
+
+
 def test_each_agent_session_stays_on_one_replica(served: Served) -> None:
     turns = 4
+    total = stable_total(served)
     before_all = decisions(served.metrics())
     for session in range(3):
         system = f"session {session} {secrets.token_hex(4)}: " + "you are a careful agent. " * 30
         messages = [{"role": "system", "content": system}]
-        before = per_replica(served.metrics())
+        before = settled(served, total)
         for turn in range(turns):
             messages.append({"role": "user", "content": f"step {turn}: go on"})
             messages.append({"role": "assistant", "content": chat(served, messages)})
-        after = wait_until(
-            lambda b=before: (
-                m
-                if sum((m := per_replica(served.metrics())).values()) - sum(b.values()) >= turns
-                else None
-            ),
-            60,
-            0.5,
-            "the session's requests were not all counted",
-        )
+        total += turns
+        after = settled(served, total)
         delta = {r: after[r] - before.get(r, 0.0) for r in after}
         print(f"\nsession {session}: requests per replica {delta}")
         assert sorted(delta.values())[-1] == turns, delta  # all on one replica
@@ -102,19 +120,11 @@ def test_each_agent_session_stays_on_one_replica(served: Served) -> None:
 
 
 def test_requests_without_a_shared_prefix_are_spread(served: Served) -> None:
-    before = per_replica(served.metrics())
+    total = stable_total(served)
+    before = settled(served, total)
     for i in range(16):
         chat(served, [{"role": "user", "content": f"{secrets.token_hex(8)} {i}"}])
-    after = wait_until(
-        lambda: (
-            m
-            if sum((m := per_replica(served.metrics())).values()) - sum(before.values()) >= 16
-            else None
-        ),
-        60,
-        0.5,
-        "requests not counted",
-    )
+    after = settled(served, total + 16)
     delta = {r: after[r] - before.get(r, 0.0) for r in after}
     print(f"\nno shared prefix: requests per replica {delta}")
     assert all(v > 0 for v in delta.values()) and len(delta) == 2, delta
