@@ -836,6 +836,10 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         "",
         *autoscaling_lines(results),
         "",
+        "## Agent sessions: prefix-affinity routing vs Serve's default (ours, 2 replicas)",
+        "",
+        *agents_lines(results),
+        "",
         "## Decode roofline vs measured (this CPU)",
         "",
         *roofline_lines(results),
@@ -854,6 +858,65 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+AGENT_METRICS = (
+    ("ttft_p50_s", "TTFT p50", "s"),
+    ("ttft_p99_s", "TTFT p99", "s"),
+    ("output_tokens_per_s", "out tok/s", ""),
+    ("prefix_cache_hit_rate", "prefix-cache hit rate", ""),
+)
+
+
+def agents_lines(results: dict[str, Any]) -> list[str]:
+    """The `agents` section: per workload, each router's medians over rounds, and affinity /
+    default per round (paired: both measured in the same round) with its bootstrap interval."""
+    a = results.get("agents")
+    if not a or not a.get("rounds"):
+        return ["Not run."]
+    rounds = sorted(a["rounds"], key=int)
+    lines = [f"- setup: {a.get('setup', '')}", ""]
+    lines += [
+        "| workload | metric | affinity (median) | default (median) | affinity / default "
+        "[95% interval] |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind in ("agent", "control"):
+        for key, label, unit in AGENT_METRICS:
+            values = {
+                system: [a["rounds"][r].get(system, {}).get(kind, {}).get(key) for r in rounds]
+                for system in ("affinity", "default")
+            }
+            med = {
+                system: (
+                    statistics.median([v for v in vals if v is not None])
+                    if any(v is not None for v in vals)
+                    else None
+                )
+                for system, vals in values.items()
+            }
+            iv = stats.paired_ratio(values["affinity"], values["default"])
+            lines.append(
+                f"| {kind} | {label} | {_fmt(med['affinity'], unit)} | "
+                f"{_fmt(med['default'], unit)} | {fmt_interval(iv, len(rounds))} |"
+            )
+    failed = sum(
+        row.get("failed", 0)
+        for by_system in a["rounds"].values()
+        for by_kind in by_system.values()
+        for row in by_kind.values()
+    )
+    lines += [
+        "",
+        f"- failed requests: {failed}; launches: "
+        + ", ".join(
+            f"{x['system']} (rounds {x['rounds']}, cold start {_fmt(x.get('cold_start_s'), 's')})"
+            for x in a.get("launches", [])
+        ),
+        "- TTFT is lower-is-better, tok/s and hit rate higher-is-better; a ratio whose interval "
+        "excludes 1.0 is a measured difference, otherwise it is within this machine's noise.",
+    ]
+    return lines
 
 
 def roofline_lines(results: dict[str, Any]) -> list[str]:

@@ -12,6 +12,9 @@ Sections, in order, one system at a time (only one engine may run on this machin
   ep           ours with expert parallelism off (same model and settings) vs on
   autoscaling  ours with autoscaling 1..2: load step -> decision -> new replica serving
   operator     the operator against the Kubernetes API emulator: 1, 50, 200 MoEDeployments
+  agents       agent sessions (long per-session prefix, growing history) and a control with no
+               shared prefix, over 2 engine replicas: our prefix-affinity router vs Serve's
+               default (power of two choices), in rotated rounds (bench/agents.py)
   roofline     the planner's decode roofline vs vLLM's measured decode rate on this CPU, with
                the memory bandwidth a probe measures here (bench/roofline.py)
 
@@ -64,7 +67,7 @@ ROOT = BENCH.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SECTIONS = ("serving", "ep", "autoscaling", "operator", "roofline")
+SECTIONS = ("serving", "ep", "autoscaling", "agents", "operator", "roofline")
 PORTS = {"vllm": 8100, "ray-serve-llm": 8200, "ours": 8300, "ours-grpc": 9300}
 
 
@@ -113,6 +116,8 @@ class Plan:
         self.autoscale_idle_s = 8.0 if quick else 15.0
         self.autoscale_steady_s = 15.0 if quick else 30.0
         self.autoscale_max_step_s = 150.0 if quick else 240.0
+        # Agents: rounds of (router on, router off), rotated; R rounds take R + 1 launches.
+        self.agent_rounds = 2 if quick else 3
 
     def workload(self, concurrency: int, stream: bool) -> Workload:
         return Workload(
@@ -471,6 +476,102 @@ def run_autoscaling(
     say(f"autoscaling: decision {reaction.decision_s}s, serving {reaction.serving_s}s")
 
 
+# ----------------------------------------------------------------------------------- agents
+
+
+AGENT_ROUTERS = {"affinity": "on", "default": "off"}
+
+
+def run_agents(
+    settings: EngineSettings, plan: Plan, work: Path, results: dict[str, Any], tok: Tokenizer
+) -> None:
+    """Our prefix-affinity router vs Serve's default, 2 engine replicas of one rank each."""
+    from . import agents
+
+    shape = agents.AgentWorkload()
+    one_rank = EngineSettings(
+        **{
+            **settings.__dict__,
+            "tensor_parallel_size": 1,
+            "expert_parallel": False,
+            # A session's prompt plus its history; the tiny model takes 2048 positions.
+            "max_model_len": 1024,
+        }
+    )
+    systems = {
+        name: Ours(
+            f"ours-{name}",
+            one_rank,
+            PORTS["ours"],
+            grpc_port=PORTS["ours-grpc"],
+            deployment_name="bench",
+            spec={"replicas": 2, "serving": {"prefixAffinity": mode}},
+        )
+        for name, mode in AGENT_ROUTERS.items()
+    }
+    orders = stats.round_orders(list(systems), plan.agent_rounds)
+    section: dict[str, Any] = {
+        "setup": (
+            f"ours, 2 engine replicas of 1 rank each (TP1, EP off, max_model_len 1024), "
+            f"prefixAffinity on (affinity) vs off (default); {shape.sessions} concurrent "
+            f"sessions x {shape.turns} turns, system prompt {shape.instruction_tokens} tokens + "
+            f"{len(agents.TOOLS)} tool definitions, {shape.max_tokens} output tokens per call; "
+            f"control: as many calls, same sizes, no shared prefix; "
+            f"{plan.agent_rounds} rounds, orders {orders}"
+        ),
+        "rounds": {},
+        "launches": [],
+    }
+    results["agents"] = section
+    for group in stats.launch_groups(orders):
+        system = systems[group.system]
+        say(f"agents: launch {group.system} for round(s) {', '.join(map(str, group.rounds))}")
+        with system.launch(work / f"agents-{len(section['launches'])}-{group.system}") as running:
+            section["launches"].append(
+                {
+                    "system": group.system,
+                    "rounds": list(group.rounds),
+                    "cold_start_s": running.cold_start_s,
+                }
+            )
+            agents.wait_replicas(running.http_url, 2, timeout_s=300.0)
+            for r in group.rounds:
+                # Which of the two workloads goes first alternates by round.
+                kinds = ["agent", "control"] if r % 2 == 0 else ["control", "agent"]
+                for kind in kinds:
+                    run = asyncio.run(
+                        agents.run(
+                            running.http_url,
+                            settings.served_name,
+                            shape,
+                            tok,
+                            label=f"r{r}-{group.system}-{kind}",
+                            control=kind == "control",
+                        )
+                    )
+                    row = run.as_dict()
+                    section["rounds"].setdefault(str(r), {}).setdefault(group.system, {})[kind] = (
+                        row
+                    )
+                    hit = row["prefix_cache_hit_rate"]
+                    say(
+                        f"  r{r} {group.system:9s} {kind:8s} ok {row['ok']}/{row['sent']}  "
+                        f"TTFT p50 {row['ttft_p50_s'] or 0:.3f}s "
+                        f"p99 {row['ttft_p99_s'] or 0:.3f}s  "
+                        f"{row['output_tokens_per_s']:.1f} tok/s  "
+                        f"hit rate {'-' if hit is None else f'{hit:.2f}'}"
+                    )
+    failed = [
+        f"r{r} {system} {kind}: {row['failed']} failed ({row['errors']})"
+        for r, by_system in section["rounds"].items()
+        for system, by_kind in by_system.items()
+        for kind, row in by_kind.items()
+        if row["failed"]
+    ]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
 # --------------------------------------------------------------------------------- operator
 
 
@@ -591,7 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: Sections whose results are self-contained (their own key in results.json).
-MERGEABLE = ("autoscaling", "operator", "roofline")
+MERGEABLE = ("autoscaling", "agents", "operator", "roofline")
 
 
 def merge(results: dict[str, Any], into: Path) -> dict[str, Any]:
@@ -721,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif section == "autoscaling":
                     assert settings is not None
                     run_autoscaling(settings, plan, work, results)
+                elif section == "agents":
+                    assert settings is not None and tok is not None
+                    run_agents(settings, plan, work, results, tok)
                 elif section == "roofline":
                     assert settings is not None
                     run_roofline(settings, work, results)

@@ -672,6 +672,8 @@ class Ours(System):
     uses_ray: bool = True
     deployment_name: str = "bench"
     autoscaling: dict[str, Any] | None = None
+    #: Top-level spec fields set as given (e.g. replicas); `serving` keys merged into serving.
+    spec: dict[str, Any] | None = None
 
     def manifest(self) -> dict[str, Any]:
         assert self.grpc_port is not None
@@ -680,6 +682,11 @@ class Ours(System):
         )
         if self.autoscaling:
             doc["spec"]["autoscaling"] = self.autoscaling
+        for key, value in (self.spec or {}).items():
+            if key == "serving":
+                doc["spec"]["serving"].update(value)
+            else:
+                doc["spec"][key] = value
         return doc
 
     def command(self, workdir: Path) -> list[str]:

@@ -337,14 +337,30 @@ class IngressMetrics:
         return generate_latest(self.registry).decode()
 
 
-def routing_text() -> str:
-    """This ingress's routing decisions, when the prefix-affinity router runs in it."""
-    import sys
+#: The prefix-affinity router's series (`moe_serving.routing`), in their own registry: the router
+#: runs in the ingress, whose /metrics appends them. Here, not in routing.py: Serve pickles the
+#: router's module by value, so a counter there would be a copy nobody scrapes.
+ROUTING_REGISTRY = CollectorRegistry(auto_describe=True)
+ROUTING_DECISIONS = Counter(
+    "moe_routing_decisions",
+    "Engine-replica choices of the prefix-affinity router, by reason: affinity (the replica "
+    "holding the longest known prefix), load (that replica was too busy), fallback (no known "
+    "prefix: power of two choices).",
+    ["reason"],
+    registry=ROUTING_REGISTRY,
+)
 
-    routing = sys.modules.get("moe_serving.routing")  # Serve imports it with the router only
-    if routing is None:
+
+def count_routing_decision(reason: str) -> None:
+    """One choice of the prefix-affinity router (reason: affinity, load or fallback)."""
+    ROUTING_DECISIONS.labels(reason).inc()
+
+
+def routing_text() -> str:
+    """This process's routing decisions (nothing until the prefix-affinity router decided)."""
+    if not any(m.samples for m in ROUTING_DECISIONS.collect()):
         return ""
-    return generate_latest(routing.REGISTRY).decode()
+    return generate_latest(ROUTING_REGISTRY).decode()
 
 
 def replicas_text(deployment: str) -> str:

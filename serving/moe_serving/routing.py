@@ -16,6 +16,11 @@ the text (the longest shared part of agent prompts), and reports no reason per d
 policy here is the same (affinity while balanced, else power of two), in-process, with
 `moe_routing_decisions_total{reason}` (affinity, load, fallback).
 
+Serve pickles this module *by value* into each caller (`RequestRouterConfig.
+_serialize_request_router_cls` in ray/serve/config.py calls `cloudpickle.register_pickle_by_value`
+on it): a module-level object here would be a private copy in the ingress, so the decision counter
+lives in `moe_serving.metrics` (pickled by reference) and is only reached through that module.
+
 Each ingress replica routes with its own index (a session's calls through the same ingress
 stick; with several ingress replicas each learns the prefixes it sees).
 """
@@ -26,24 +31,13 @@ import json
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
+from moe_serving import metrics
 from moe_serving.prefix_index import PrefixIndex
 
 logger = logging.getLogger("ray.serve")
-
-#: The router's series, in their own registry (the ingress's /metrics shows them).
-REGISTRY = CollectorRegistry(auto_describe=True)
-DECISIONS = Counter(
-    "moe_routing_decisions",
-    "Engine-replica choices of the prefix-affinity router, by reason: affinity (the replica "
-    "holding the longest known prefix), load (that replica was too busy), fallback (no known "
-    "prefix: power of two choices).",
-    ["reason"],
-    registry=REGISTRY,
-)
 
 #: Shorter known prefixes than this do not count (one block of the index: ~30 tokens).
 MIN_MATCH_CHARS = 128
@@ -94,11 +88,11 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
             if owner in by_id and matched >= MIN_MATCH_CHARS:
                 loads = await self._queue_lens(list(by_id.values()))
                 if loads.get(owner, 0) - min(loads.values(), default=0) <= self.imbalance_threshold:
-                    DECISIONS.labels("affinity").inc()
+                    metrics.count_routing_decision("affinity")
                     return [[by_id[owner]]]
-                DECISIONS.labels("load").inc()
+                metrics.count_routing_decision("load")
             else:
-                DECISIONS.labels("fallback").inc()
+                metrics.count_routing_decision("fallback")
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[str, int]:

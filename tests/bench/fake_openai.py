@@ -29,6 +29,7 @@ class FakeState:
     fail_every: int = 0  # answer HTTP 500 to every n-th request (by arrival), 0: never
     hang: bool = False  # never answer
     gate: int = 0  # hold each request until this many are in flight (or 5 s pass)
+    metrics: list[str] = field(default_factory=list)  # /metrics answers, one per GET, in order
     bodies: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -130,7 +131,13 @@ async def fake_openai(state: FakeState | None = None) -> AsyncIterator[tuple[str
 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
+
+    async def metrics(request: web.Request) -> web.Response:
+        texts = request.app[STATE].metrics
+        return web.Response(text=texts.pop(0) if texts else "")
+
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from moe_serving.prefix_index import PrefixIndex
 from moe_serving.routing import prompt_text
 
@@ -57,3 +60,40 @@ def test_routing_key_of_completions_and_other_calls() -> None:
     assert prompt_text(("completions", {"prompt": ["a", "b"]}, None)) == "a"
     assert prompt_text(()) == ""  # metrics_text(), check_health(): no body
     assert prompt_text(None) == ""
+
+
+
+_INGRESS = r"""
+import sys
+from ray import cloudpickle
+
+from moe_serving import metrics
+
+router = cloudpickle.loads(sys.stdin.buffer.read())
+import moe_serving.routing
+
+assert router is not moe_serving.routing.PrefixAffinityRouter, "expected a by-value copy"
+router.choose_replicas.__globals__["metrics"].count_routing_decision("affinity")
+print(metrics.routing_text())
+"""
+
+
+def test_decisions_reach_the_ingress_metrics_through_serves_pickling() -> None:
+    """Serve ships the router class to each caller pickled *by value* (ray/serve/config.py,
+    `RequestRouterConfig._serialize_request_router_cls`: `cloudpickle.register_pickle_by_value`
+    on the router's module; the caller's `get_request_router_class` unpickles it). A counter
+    defined in the router's module cannot even be pickled that way (its lock), and as a copy it
+    would never reach the ingress's /metrics. This serialises the class with Serve's own config
+    and unpickles it in a fresh process, as the ingress receives it, then counts with it."""
+    from ray.serve.config import RequestRouterConfig
+
+    config = RequestRouterConfig(request_router_class="moe_serving.routing:PrefixAffinityRouter")
+    done = subprocess.run(
+        [sys.executable, "-c", _INGRESS],
+        input=config.get_serialized_request_router_cls(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert 'moe_routing_decisions_total{reason="affinity"} 1.0' in done.stdout.decode()
