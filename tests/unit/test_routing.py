@@ -62,18 +62,35 @@ def test_routing_key_of_completions_and_other_calls() -> None:
     assert prompt_text(None) == ""
 
 
-
 _INGRESS = r"""
+import asyncio
 import sys
+from types import SimpleNamespace
+
 from ray import cloudpickle
 
+import moe_serving.app  # the ingress's process runs the app's code
 from moe_serving import metrics
+from moe_serving.prefix_index import PrefixIndex
 
-router = cloudpickle.loads(sys.stdin.buffer.read())
-import moe_serving.routing
+router_cls = cloudpickle.loads(sys.stdin.buffer.read())
+# One affinity decision: the only replica served this prompt's prefix and is idle.
+router = object.__new__(router_cls)
+router.imbalance_threshold = 4
+router.index = PrefixIndex()
+prompt = "agent system prompt " * 20
+router.index.record(prompt, "A")
+replica = SimpleNamespace(replica_id=SimpleNamespace(to_full_id_str=lambda: "A"))
 
-assert router is not moe_serving.routing.PrefixAffinityRouter, "expected a by-value copy"
-router.choose_replicas.__globals__["metrics"].count_routing_decision("affinity")
+
+async def idle(replicas):
+    return {"A": 0}
+
+
+router._queue_lens = idle
+pending = SimpleNamespace(args=("completions", {"prompt": prompt + "turn 2"}, None))
+chosen = asyncio.run(router.choose_replicas([replica], pending))
+assert chosen == [[replica]], chosen
 print(metrics.routing_text())
 """
 
@@ -82,10 +99,13 @@ def test_decisions_reach_the_ingress_metrics_through_serves_pickling() -> None:
     """Serve ships the router class to each caller pickled *by value* (ray/serve/config.py,
     `RequestRouterConfig._serialize_request_router_cls`: `cloudpickle.register_pickle_by_value`
     on the router's module; the caller's `get_request_router_class` unpickles it). A counter
-    defined in the router's module cannot even be pickled that way (its lock), and as a copy it
-    would never reach the ingress's /metrics. This serialises the class with Serve's own config
+    defined in the router's module travelled as a copy (or, in a process without the app's
+    imports, failed to pickle at all: its lock), so the ingress's /metrics never showed one.
+    This serialises the class with Serve's own config
     and unpickles it in a fresh process, as the ingress receives it, then counts with it."""
     from ray.serve.config import RequestRouterConfig
+
+    import moe_serving.app  # noqa: F401  (the builder's process, where Serve pickles the class)
 
     config = RequestRouterConfig(request_router_class="moe_serving.routing:PrefixAffinityRouter")
     done = subprocess.run(
