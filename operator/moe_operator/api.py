@@ -221,7 +221,16 @@ class EPLBSpec(ApiModel):
             "manual: EPLB as set here. auto: the operator watches status.expertImbalance and, "
             "while EPLB is off, recommends it (condition EPLBRecommended and an Event, with a "
             "redundantExperts count from the observed load) when the imbalance stays at or "
-            "above imbalanceThreshold for sustainSeconds; it does not change the spec itself."
+            "above imbalanceThreshold for sustainSeconds; with apply, it also turns EPLB on."
+        ),
+    )
+    apply: bool = Field(
+        False,
+        description=(
+            "auto: apply the recommendation instead of only reporting it: EPLB on with the "
+            "recommended redundantExperts, recorded in status.eplbApplied (the spec is left "
+            "as written) and rolled out like a spec change. It stays on until apply or mode "
+            "auto is removed; the operator never turns it off by itself (no flapping)."
         ),
     )
     imbalance_threshold: float = Field(
@@ -709,6 +718,14 @@ class Endpoints(ApiModel):
     )
 
 
+class EPLBApplied(ApiModel):
+    """EPLB as the operator turned it on under parallelism.eplb.mode auto with apply."""
+
+    redundant_experts: int = Field(ge=0, description="Redundant experts it was turned on with.")
+    imbalance: float = Field(description="The sustained expert imbalance that triggered it.")
+    time: str = Field(description="RFC 3339 time it was applied.")
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state of a MoEDeployment."""
 
@@ -756,6 +773,13 @@ class MoEDeploymentStatus(ApiModel):
             "Worst MoE layer's max / mean tokens over the EP ranks of an engine (1.0 = even), "
             "over the replicas' last minute of routing; absent without expert parallelism "
             "traffic. Read on the live-state interval."
+        ),
+    )
+    eplb_applied: EPLBApplied | None = Field(
+        None,
+        description=(
+            "Set when the operator applied EPLB (parallelism.eplb.mode auto with apply): the "
+            "deployment runs with EPLB on and these redundant experts; absent otherwise."
         ),
     )
     ray_service: str | None = Field(None, description="Name of the owned RayService.")

@@ -20,7 +20,12 @@ experts + redundant divide by EP (the planner's rule: every EP rank holds as man
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moe_operator.api import MoEDeploymentSpec
 
 #: The band between starting and stopping a recommendation.
 HYSTERESIS = 0.1
@@ -111,3 +116,45 @@ def observe(tracker: Tracker, s: Settings, now: float, imbalance: float | None) 
         f"(peak {tracker.peak:.2f}): set spec.parallelism.eplb.enabled: true with "
         f"redundantExperts: {n} ({s.num_experts} + {n} experts divide by EP{s.ep})",
     )
+
+
+# ----------------------------------------------------------------------------- applying it
+# Under `apply`, the operator turns EPLB on itself. The decision lives in the status
+# (`status.eplbApplied`), never in the spec the user wrote: the effective spec is the written one
+# with EPLB on and the recorded redundant-expert count, so planning and rendering stay pure and
+# every later pass (and a restarted operator) renders the same. It is never undone here: once on,
+# EPLB evens the load out, and turning it off on a calm reading would bring the imbalance back.
+
+
+def applies(spec: MoEDeploymentSpec) -> bool:
+    """The spec lets the operator turn EPLB on (mode auto, apply, EPLB not already on)."""
+    eplb = spec.parallelism.eplb
+    return eplb.mode == "auto" and eplb.apply and not eplb.enabled
+
+
+def applied(spec: MoEDeploymentSpec, status: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The recorded application, while the spec still allows it (else None: EPLB as written)."""
+    record = (status or {}).get("eplbApplied")
+    return dict(record) if applies(spec) and isinstance(record, Mapping) else None
+
+
+def record(advice: Advice | None, imbalance: float | None, now: str) -> dict[str, Any] | None:
+    """The status record of applying `advice` now (None unless it recommends)."""
+    if advice is None or not advice.recommend:
+        return None
+    return {
+        "redundantExperts": advice.redundant_experts,
+        "imbalance": round(imbalance or 0.0, 2),
+        "time": now,
+    }
+
+
+def effective(spec: MoEDeploymentSpec, record: Mapping[str, Any] | None) -> MoEDeploymentSpec:
+    """The spec with the recorded EPLB on (the spec itself when nothing was applied)."""
+    if record is None:
+        return spec
+    eplb = spec.parallelism.eplb.model_copy(
+        update={"enabled": True, "redundant_experts": int(record["redundantExperts"])}
+    )
+    parallelism = spec.parallelism.model_copy(update={"eplb": eplb})
+    return spec.model_copy(update={"parallelism": parallelism})

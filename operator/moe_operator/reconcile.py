@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from moe_operator import kube, kuberay, settings, tracing
+from moe_operator import eplb_advisor, kube, kuberay, settings, tracing
 from moe_operator import status as status_mod
 from moe_operator.api import (
     GROUP,
@@ -66,6 +66,8 @@ class Context:
     spec: MoEDeploymentSpec | None = None
     plan: Plan | None = None
     ray_service: Obj | None = None  # the live RayService, for the status
+    written: MoEDeploymentSpec | None = None  # the spec as written (spec: the effective one)
+    eplb_record: Obj | None = None  # status.eplbApplied while it holds (eplb_advisor)
 
     @property
     def meta(self) -> Obj:
@@ -117,15 +119,31 @@ def is_subset(want: Any, have: Any) -> bool:
 
 
 def parse(body: Obj) -> tuple[MoEDeploymentSpec | None, Plan | None, status_mod.Problem | None]:
-    """Spec and plan, or the problem that stops them (InvalidSpec / PlanFailed / RenderFailed)."""
+    """Effective spec and plan, or the problem that stops them (InvalidSpec / PlanFailed /
+    RenderFailed). Effective: with EPLB on when the operator applied it (status.eplbApplied)."""
+    written, problem = parse_written(body)
+    if written is None:
+        return None, None, problem
+    return plan_effective(written, eplb_advisor.applied(written, body.get("status")))
+
+
+def parse_written(body: Obj) -> tuple[MoEDeploymentSpec | None, status_mod.Problem | None]:
+    """The spec as written, or why it is invalid."""
     try:
         ObjectMeta.model_validate({"name": body["metadata"]["name"]})
     except ValidationError as err:
-        return None, None, status_mod.Problem("InvalidSpec", "; ".join(describe(err, "metadata")))
+        return None, status_mod.Problem("InvalidSpec", "; ".join(describe(err, "metadata")))
     try:
-        spec = MoEDeploymentSpec.model_validate(body.get("spec") or {})
+        return MoEDeploymentSpec.model_validate(body.get("spec") or {}), None
     except ValidationError as err:
-        return None, None, status_mod.Problem("InvalidSpec", "; ".join(describe(err, "spec")))
+        return None, status_mod.Problem("InvalidSpec", "; ".join(describe(err, "spec")))
+
+
+def plan_effective(
+    written: MoEDeploymentSpec, eplb_record: Obj | None
+) -> tuple[MoEDeploymentSpec, Plan | None, status_mod.Problem | None]:
+    """The written spec with the operator's EPLB record applied, and its plan (or problem)."""
+    spec = eplb_advisor.effective(written, eplb_record)
     try:
         check_renderable(spec)  # cluster-only constraints first: they are the real reason
     except RenderError as err:
@@ -172,7 +190,12 @@ async def _reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
         return Outcome()  # going away: garbage collection removes the children
     ctx = Context(rt, rt.api(), body, logger)
     outcome, meta, key = ctx.outcome, ctx.meta, ctx.key
-    ctx.spec, ctx.plan, outcome.problem = parse(body)
+    ctx.written, outcome.problem = parse_written(body)
+    if ctx.written is not None:
+        ctx.eplb_record = eplb_advisor.applied(ctx.written, body.get("status"))
+        ctx.spec, ctx.plan, outcome.problem = plan_effective(ctx.written, ctx.eplb_record)
+        if outcome.problem is None and ctx.eplb_record is None:
+            _apply_eplb(ctx)
     children: list[Obj] = []
     if outcome.problem is None:
         assert ctx.spec is not None and ctx.plan is not None
@@ -222,6 +245,67 @@ async def _reconcile(rt: Runtime, body: Obj, logger: Any) -> Outcome:
         },
     )
     return outcome
+
+
+def _apply_eplb(ctx: Context) -> None:
+    """Under eplb.mode auto with apply: turn EPLB on once the advisor recommends it, with the
+    recommended redundant experts or as many as the current layout holds: applying never
+    changes the replica's size or split (more copies can need more GPUs; that is the user's
+    call). When none fits, say so and leave EPLB off."""
+    assert ctx.written is not None and ctx.plan is not None
+    poller = ctx.rt.poller
+    live = poller.status.get(ctx.key) if poller is not None else None
+    if not eplb_advisor.applies(ctx.written) or live is None:
+        return
+    new = eplb_advisor.record(live.eplb_advice, live.expert_imbalance, _now())
+    if new is None:
+        return
+    recommended = int(new["redundantExperts"])
+    ep = ctx.plan.expert_parallel_size
+    for count in range(recommended, 0, -ep):  # each keeps experts + count divisible by EP
+        candidate = {**new, "redundantExperts": count}
+        spec, chosen, problem = plan_effective(ctx.written, candidate)
+        if problem is None and chosen is not None and _same_layout(chosen, ctx.plan):
+            ctx.spec, ctx.plan, ctx.eplb_record = spec, chosen, candidate
+            fewer = (
+                ""
+                if count == recommended
+                else f" ({recommended} recommended; the layout holds {count})"
+            )
+            ctx.event(
+                "Normal",
+                "EPLBApplied",
+                f"turned EPLB on with redundantExperts {count}{fewer} (sustained expert "
+                f"imbalance {new['imbalance']}); the Serve application rolls out with it",
+            )
+            return
+    ctx.event(
+        "Warning",
+        "EPLBNotApplied",
+        f"EPLB with redundantExperts {recommended} does not fit the current layout "
+        f"({ctx.plan.gpus_per_replica} GPUs per replica, EP{ep}); set "
+        "spec.parallelism.eplb.enabled and redundantExperts yourself if a larger replica is "
+        "acceptable",
+    )
+
+
+def _same_layout(a: Plan, b: Plan) -> bool:
+    """The same replica size and split (what applying EPLB must not change)."""
+    return (
+        a.gpus_per_replica,
+        a.nodes_per_replica,
+        a.expert_parallel_size,
+        a.tensor_parallel_size,
+        a.data_parallel_size,
+        a.pipeline_parallel_size,
+    ) == (
+        b.gpus_per_replica,
+        b.nodes_per_replica,
+        b.expert_parallel_size,
+        b.tensor_parallel_size,
+        b.data_parallel_size,
+        b.pipeline_parallel_size,
+    )
 
 
 def rejected(obj: Obj, err: kube.ApiError) -> status_mod.Problem:
@@ -285,12 +369,13 @@ def _status(ctx: Context, previous: Obj | None) -> Obj:
         tool_calling=bool(chosen is not None and chosen.tool_call_parser),
         reasoning=bool(chosen is not None and chosen.reasoning_parser),
         eplb_auto=bool(
-            spec is not None
+            ctx.written is not None
             and chosen is not None
-            and spec.parallelism.eplb.mode == "auto"
-            and not spec.parallelism.eplb.enabled
+            and ctx.written.parallelism.eplb.mode == "auto"
+            and not ctx.written.parallelism.eplb.enabled
             and chosen.expert_parallel_size > 1
         ),
+        eplb_applied=ctx.eplb_record,
     )
     return status_mod.compute(inputs, previous)
 

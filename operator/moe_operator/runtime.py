@@ -8,6 +8,7 @@ the live-state reader. handlers.py makes it (`runtime(memo)`); reconcile.py read
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class Runtime:
         found = {k: kwargs[k] for k in ids if k in kwargs}
         if found:
             self.indexes = found
+        if self.queue.context is None and "body" in kwargs:
+            # An object handler's call: kopf.event() needs the context kopf sets up for those
+            # (its event queue, kopf/_core/reactor/processing.py). A pass kicked by the
+            # live-state reader (a task started at startup) runs in it, so its Events post too.
+            self.queue.context = contextvars.copy_context()
 
     def cached(self, index_id: str, key: OwnerKey) -> list[Obj]:
         """What the kopf index `index_id` holds for the owner `key`."""

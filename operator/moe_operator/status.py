@@ -49,6 +49,7 @@ OWNED_KEYS = (
     "outputTokensPerSecond",
     "costPerMillionTokens",
     "expertImbalance",
+    "eplbApplied",
     "rayService",
 )
 
@@ -85,7 +86,8 @@ class Inputs:
     upgrade_strategy: str = "NewCluster"
     tool_calling: bool = False  # the plan configures a tool-call parser
     reasoning: bool = False  # the plan configures a reasoning parser
-    eplb_auto: bool = False  # spec.parallelism.eplb.mode auto, EP > 1, EPLB off
+    eplb_auto: bool = False  # spec.parallelism.eplb.mode auto, EP > 1, EPLB off as written
+    eplb_applied: Obj | None = None  # status.eplbApplied: EPLB on by the operator (eplb_advisor)
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,18 @@ def _feature_conditions(inputs: Inputs) -> list[tuple[str, bool | None, str, str
     return out
 
 
-def _eplb_condition(live: LiveStatus | None) -> tuple[str, bool | None, str, str]:
-    """`EPLBRecommended` under eplb.mode auto, from the advisor's reading of the live state."""
+def _eplb_condition(
+    live: LiveStatus | None, applied: Obj | None
+) -> tuple[str, bool | None, str, str]:
+    """`EPLBRecommended` under eplb.mode auto, from the advisor's reading of the live state (or
+    the operator's own application of it)."""
+    if applied is not None:
+        message = (
+            f"EPLB turned on by the operator at {applied.get('time')} with redundantExperts "
+            f"{applied.get('redundantExperts')} (sustained expert imbalance "
+            f"{applied.get('imbalance')}); remove parallelism.eplb.apply to turn it off"
+        )
+        return (EPLB_CONDITION, True, "Applied", message)
     advice = live.eplb_advice if live is not None else None
     if advice is None:
         return (EPLB_CONDITION, None, "NotObserved", "no expert imbalance observed yet")
@@ -277,7 +289,7 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
         conds = [("Ready", *ready), ("Progressing", *progressing), ("Degraded", *degraded)]
         conds += _feature_conditions(inputs)
         if inputs.eplb_auto:
-            conds.append(_eplb_condition(inputs.live))
+            conds.append(_eplb_condition(inputs.live, inputs.eplb_applied))
 
     status: Obj = {
         "observedGeneration": inputs.generation,
@@ -296,6 +308,7 @@ def compute(inputs: Inputs, previous: Obj | None = None) -> Obj:
         "selector": inputs.selector,
         "plan": inputs.plan,
         "endpoints": inputs.endpoints,
+        "eplbApplied": inputs.eplb_applied,
     }
     if live is not None:
         status["queueDepth"] = live.queue_depth

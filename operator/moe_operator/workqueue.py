@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class WorkQueue:
     dirty: set[OwnerKey] = field(default_factory=set)
     workers: dict[OwnerKey, asyncio.Task[None]] = field(default_factory=dict)
     failures: dict[OwnerKey, int] = field(default_factory=dict)
+    #: Where the workers run (Runtime.remember: a kopf object handler's context); None: the
+    #: caller's.
+    context: contextvars.Context | None = None
 
     def lock(self, key: OwnerKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -63,7 +67,7 @@ class WorkQueue:
         worker = self.workers.get(key)
         if worker is None or worker.done():
             self.workers[key] = asyncio.get_running_loop().create_task(
-                self._work(key), name=f"moe-reconcile {key[0]}/{key[1]}"
+                self._work(key), name=f"moe-reconcile {key[0]}/{key[1]}", context=self.context
             )
 
     async def _work(self, key: OwnerKey) -> None:

@@ -30,6 +30,9 @@ class Load:
     tokens: float = 0.0
     #: optional features the replicas serve without (feature -> reason), as they report it
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: the worst engine's worst-layer max/mean over EP ranks, as `load.expert_imbalance` (how the
+    #: replicas' expert windows come to that number is tested on the engine, test_served_app.py)
+    expert_imbalance: float | None = None
 
 
 @dataclass
@@ -87,4 +90,6 @@ class StateStub:
         body = live_state.state_body(
             "moe", "LLMEngine", reports, load.running_replicas, load.target_replicas, load.time
         )
+        if load.expert_imbalance is not None:
+            body["load"]["expert_imbalance"] = load.expert_imbalance
         return web.json_response(body)

@@ -182,3 +182,69 @@ async def test_a_checkpoint_without_tool_tokens_shows_tool_calling_unavailable(
     await eventually(
         lambda: (tool_condition() or {}).get("status") == "True", message="tool calling on"
     )
+
+
+def _eplb_args(api: em.ApiServer) -> dict[str, Any]:
+    rs = api.find(em.RAYSERVICES, NS, "mixtral") or {}
+    config = yaml.safe_load(rs.get("spec", {}).get("serveConfigV2") or "{}") or {}
+    app = (config.get("applications") or [{}])[0]
+    engine: dict[str, Any] = app.get("args", {}).get("engine", {})
+    return dict(engine.get("eplb") or {})
+
+
+async def test_eplb_auto_apply_turns_it_on_once_and_never_flaps(
+    api: em.ApiServer, operator: Operator, kuberay: KubeRay, fast_reads: StateStub
+) -> None:
+    """eplb.mode auto with apply: a sustained imbalance turns EPLB on in the rendered Serve
+    config (the written spec untouched, the decision in status.eplbApplied); a calm reading
+    afterwards changes nothing, and removing apply turns it off again."""
+    stub = fast_reads
+    load = stub.loads[(NS, "mixtral")] = Load(tokens_per_s=10.0, expert_imbalance=1.8)
+    body = mixtral()
+    body["spec"]["parallelism"]["eplb"] = {
+        "mode": "auto",
+        "apply": True,
+        "sustainSeconds": 0,
+        "minIntervalSeconds": 0,
+    }
+    await operator.start()
+    await api.create(MOED, body)
+    await eventually(lambda: api.find(em.RAYSERVICES, NS, "mixtral"), message="RayService")
+    assert _eplb_args(api)["enabled"] is False
+    await kuberay.serve("mixtral")
+
+    await eventually(lambda: status(api).get("eplbApplied"), message="EPLB applied")
+    applied = status(api)["eplbApplied"]
+    # Mixtral: 8 experts over EP2; max/mean 1.8 -> ceil(0.8 x 4) = 4 copies recommended, but
+    # with 4 the planner needs EP4 on 4 GPUs: applying keeps the 2-GPU layout, which holds 2.
+    assert applied["redundantExperts"] == 2 and applied["imbalance"] == 1.8
+    await eventually(lambda: _eplb_args(api).get("enabled") is True, message="rendered")
+    assert _eplb_args(api)["num_redundant_experts"] == 2
+    written = (api.find(MOED, NS, "mixtral") or {})["spec"]["parallelism"]["eplb"]
+    assert not written.get("enabled") and not written.get("redundantExperts")  # as written
+    cond = next(c for c in status(api)["conditions"] if c["type"] == "EPLBRecommended")
+    assert cond["reason"] == "Applied", cond
+    assert status(api)["plan"]["expertsPerRank"] == 5  # (8 + 2) / 2
+    assert status(api)["plan"]["gpusPerReplica"] == 2
+    events = await eventually(
+        lambda: [e for e in api.list_items(em.EVENTS, NS) if e.get("reason") == "EPLBApplied"],
+        message="EPLBApplied event",
+    )
+    assert "4 recommended" in events[0]["message"], events
+
+    # Calm now: EPLB stays on, and nothing about it is written again.
+    load.expert_imbalance = 1.0
+    await kuberay.serve("mixtral")  # the rollout of the new config is up
+    await asyncio.sleep(1.5)
+    mark = len(api.calls)
+    await asyncio.sleep(1.5)
+    rs_writes = [c for c in api.operator_calls(mark) if c.is_write and c.resource == "rayservices"]
+    assert rs_writes == []
+    assert status(api)["eplbApplied"] == applied
+    assert _eplb_args(api)["enabled"] is True
+
+    # The user takes apply away: EPLB as written (off), the record gone.
+    await api.modify(MOED, NS, "mixtral", {"spec": {"parallelism": {"eplb": {"apply": False}}}})
+    await eventually(lambda: _eplb_args(api).get("enabled") is False, message="EPLB off again")
+    await kuberay.serve("mixtral")
+    await eventually(lambda: "eplbApplied" not in status(api), message="record dropped")

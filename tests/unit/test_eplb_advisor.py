@@ -7,8 +7,10 @@ import itertools
 
 import pytest
 
-from moe_operator import live, status
+from moe_operator import eplb_advisor, live, status
+from moe_operator.api import MoEDeploymentSpec, MoEDeploymentStatus
 from moe_operator.eplb_advisor import HYSTERESIS, Settings, Tracker, observe, redundant_for
+from moe_operator.planner import plan
 
 S = Settings(
     threshold=1.3, sustain_s=600, min_interval_s=3600, num_experts=128, ep=8, eplb_enabled=False
@@ -123,3 +125,69 @@ def test_condition_and_message_say_what_to_set() -> None:
     )
     assert status.EPLB_CONDITION not in {c["type"] for c in plain["conditions"]}
     assert HYSTERESIS > 0
+
+
+# ---- apply: the operator turns EPLB on itself (eplb.apply) ---------------------------------
+
+
+def _spec(**eplb: object) -> MoEDeploymentSpec:
+    return MoEDeploymentSpec.model_validate(
+        {
+            "model": {"name": "m", "source": "hf://Qwen/Qwen3-30B-A3B"},
+            "resources": {"accelerator": "A100-80GB", "gpusPerNode": 8},
+            "parallelism": {"tensorParallelSize": 8, "eplb": eplb},
+        }
+    )
+
+
+def test_apply_is_recorded_in_status_and_the_effective_spec_plans_with_it() -> None:
+    written = _spec(mode="auto", apply=True)
+    assert eplb_advisor.applies(written)
+    assert not eplb_advisor.applies(_spec(mode="auto"))  # recommend only
+    assert not eplb_advisor.applies(_spec(mode="auto", apply=True, enabled=True))  # already on
+    tracker = Tracker()
+    s = Settings(
+        threshold=1.3, sustain_s=600, min_interval_s=3600, num_experts=128, ep=8,
+        eplb_enabled=False,
+    )  # fmt: skip
+    advice = None
+    for t, v in every(60, 700, 1.5):
+        advice = observe(tracker, s, t, v)
+    record = eplb_advisor.record(advice, 1.5, "2026-12-05T00:00:00Z")
+    assert record == {"redundantExperts": 8, "imbalance": 1.5, "time": "2026-12-05T00:00:00Z"}
+    assert eplb_advisor.record(None, 1.5, "t") is None
+    calm = observe(Tracker(), s, 0.0, 1.0)
+    assert eplb_advisor.record(calm, 1.0, "t") is None
+
+    effective = eplb_advisor.effective(written, record)
+    assert effective.parallelism.eplb.enabled and effective.parallelism.eplb.redundant_experts == 8
+    assert written.parallelism.eplb.enabled is False  # the written spec is untouched
+    chosen = plan(effective)
+    assert chosen.redundant_experts == 8 and chosen.experts_per_rank == (128 + 8) // 8
+
+    # The record holds while the spec allows it; removing apply (or auto) drops it.
+    status_body = {"eplbApplied": record}
+    assert eplb_advisor.applied(written, status_body) == record
+    assert eplb_advisor.applied(_spec(mode="auto"), status_body) is None
+    assert eplb_advisor.applied(_spec(), status_body) is None
+    assert eplb_advisor.effective(written, None) is written
+
+
+def test_applied_condition_says_what_was_done_and_how_to_undo_it() -> None:
+    record = {"redundantExperts": 8, "imbalance": 1.5, "time": "2026-12-05T00:00:00Z"}
+    inputs = status.Inputs(
+        name="d",
+        generation=1,
+        now="2026-12-05T00:00:00Z",
+        ray_service={"metadata": {"generation": 1}, "status": {}},
+        live=live.LiveStatus(0.0, 1, 1, None, None),  # the advisor is off once EPLB is on
+        eplb_auto=True,
+        eplb_applied=record,
+    )
+    out = status.compute(inputs)
+    assert out["eplbApplied"] == record
+    cond = {c["type"]: c for c in out["conditions"]}[status.EPLB_CONDITION]
+    assert cond["status"] == "True" and cond["reason"] == "Applied"
+    assert "redundantExperts 8" in cond["message"] and "eplb.apply" in cond["message"]
+    # The status model (the CRD's schema) accepts the record.
+    assert MoEDeploymentStatus.model_validate(out).eplb_applied is not None
