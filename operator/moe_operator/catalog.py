@@ -1,8 +1,13 @@
-"""Built-in catalog of MoE architectures and accelerators (pure data, no I/O).
+"""Built-in catalog of MoE architectures and accelerators.
 
 Each architecture lists the numbers the planner needs: expert count and size, routing top-k,
 attention shape for the KV cache, and parameter counts. Sources are the models' published
 `config.json` files (Hugging Face) and model cards, noted per entry.
+
+The rows are data: `catalog.yaml`, shipped in this package, with each row's provenance as a
+comment. It is read once, at import (the only I/O here), and every row is checked against its
+class (`Architecture`, `Accelerator`): unknown or missing fields and values of the wrong type
+stop the import with the row named.
 
 A local checkpoint is described from its own `config.json` (`from_hf_config`), so a model not in
 the catalog still plans when its weights are on disk.
@@ -10,9 +15,15 @@ the catalog still plans when its weights are on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -78,183 +89,6 @@ class Architecture:
         return per_token * sliding_layers * self.sliding_window
 
 
-def _gemma4_26b() -> Architecture:
-    # Gemma 4 26B-A4B (google/gemma-4-26B-A4B-it config.json, text_config): 30 layers, hidden
-    # 2816, 128 experts of width 704 with top_k_experts=8, a dense MLP of 2112 beside the MoE
-    # block in every layer, 16 query heads; sliding layers (5 of every 6) use 8 KV heads of 256
-    # over a 1024-token window; full layers use 2 global KV heads of 512 with K == V
-    # (attention_k_eq_v), so one tensor of 2*512 elements per token per full layer.
-    #
-    # Routing: sources disagree (top-2 vs top-8 of 128). We use top-8 because it is what the
-    # published config.json says, and because only top-8 matches the "A4B" name: 8 experts x
-    # 3 x 2816 x 704 x 30 layers = 1.43B expert parameters per token, plus ~2.3B dense
-    # (attention, dense MLP, embeddings) = ~3.8B active; top-2 would give ~2.6B.
-    return Architecture(
-        key="gemma-4-26b-a4b",
-        family="gemma4",
-        hf_ids=("google/gemma-4-26B-A4B", "google/gemma-4-26B-A4B-it"),
-        num_layers=30,
-        num_moe_layers=30,
-        hidden_size=2816,
-        num_experts=128,
-        experts_per_token=8,
-        moe_intermediate_size=704,
-        num_shared_experts=0,
-        total_params=25.97e9,
-        active_params=3.8e9,
-        num_attention_heads=16,
-        num_kv_heads=8,
-        head_dim=256,
-        max_context=262_144,
-        vocab_size=262_144,
-        full_attention_layers=5,
-        sliding_window=1024,
-        kv_bytes_elements_per_token_full=2 * 512,  # 2 global KV heads x 512, K == V
-        kv_elements_per_token_sliding=2 * 8 * 256,
-        tool_call_parser="gemma4",
-        reasoning_parser="gemma4",
-        source="huggingface.co/google/gemma-4-26B-A4B-it config.json; model card",
-        notes="top-8 of 128 routing (see comment); hybrid dense MLP + MoE in every layer",
-    )
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    a.key: a
-    for a in (
-        _gemma4_26b(),
-        # Mixtral 8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 32 layers, hidden 4096, 8
-        # experts of 14336, top-2, 32 heads / 8 KV heads of 128, 32k context. 46.7B / 12.9B.
-        Architecture(
-            key="mixtral-8x7b",
-            family="mixtral",
-            hf_ids=("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"),
-            num_layers=32,
-            num_moe_layers=32,
-            hidden_size=4096,
-            num_experts=8,
-            experts_per_token=2,
-            moe_intermediate_size=14336,
-            num_shared_experts=0,
-            total_params=46.7e9,
-            active_params=12.9e9,
-            num_attention_heads=32,
-            num_kv_heads=8,
-            head_dim=128,
-            max_context=32_768,
-            vocab_size=32_000,
-            full_attention_layers=32,
-            tool_call_parser="mistral",
-            reasoning_parser=None,
-            source="huggingface.co/mistralai/Mixtral-8x7B-v0.1 config.json",
-        ),
-        # Mixtral 8x22B (mistralai/Mixtral-8x22B-v0.1): 56 layers, hidden 6144, 8 experts of
-        # 16384, top-2, 48 heads / 8 KV heads of 128, 64k context. 141B / 39B.
-        Architecture(
-            key="mixtral-8x22b",
-            family="mixtral",
-            hf_ids=("mistralai/Mixtral-8x22B-v0.1", "mistralai/Mixtral-8x22B-Instruct-v0.1"),
-            num_layers=56,
-            num_moe_layers=56,
-            hidden_size=6144,
-            num_experts=8,
-            experts_per_token=2,
-            moe_intermediate_size=16384,
-            num_shared_experts=0,
-            total_params=141e9,
-            active_params=39e9,
-            num_attention_heads=48,
-            num_kv_heads=8,
-            head_dim=128,
-            max_context=65_536,
-            vocab_size=32_768,
-            full_attention_layers=56,
-            tool_call_parser="mistral",
-            reasoning_parser=None,
-            source="huggingface.co/mistralai/Mixtral-8x22B-v0.1 config.json",
-        ),
-        # Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B config.json): 48 layers, hidden 2048, 128 experts
-        # of 768, top-8, 32 heads / 4 KV heads of 128, 32k native (128k with YaRN). 30.5B / 3.3B.
-        Architecture(
-            key="qwen3-30b-a3b",
-            family="qwen3_moe",
-            hf_ids=("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Instruct-2507"),
-            num_layers=48,
-            num_moe_layers=48,
-            hidden_size=2048,
-            num_experts=128,
-            experts_per_token=8,
-            moe_intermediate_size=768,
-            num_shared_experts=0,
-            total_params=30.5e9,
-            active_params=3.3e9,
-            num_attention_heads=32,
-            num_kv_heads=4,
-            head_dim=128,
-            max_context=131_072,
-            vocab_size=151_936,
-            full_attention_layers=48,
-            tool_call_parser="hermes",
-            reasoning_parser="qwen3",
-            source="huggingface.co/Qwen/Qwen3-30B-A3B config.json",
-        ),
-        # Qwen3-235B-A22B: 94 layers, hidden 4096, 128 experts of 1536, top-8, 64 heads / 4 KV
-        # heads of 128. 235B / 22B.
-        Architecture(
-            key="qwen3-235b-a22b",
-            family="qwen3_moe",
-            hf_ids=("Qwen/Qwen3-235B-A22B", "Qwen/Qwen3-235B-A22B-Instruct-2507"),
-            num_layers=94,
-            num_moe_layers=94,
-            hidden_size=4096,
-            num_experts=128,
-            experts_per_token=8,
-            moe_intermediate_size=1536,
-            num_shared_experts=0,
-            total_params=235e9,
-            active_params=22e9,
-            num_attention_heads=64,
-            num_kv_heads=4,
-            head_dim=128,
-            max_context=131_072,
-            vocab_size=151_936,
-            full_attention_layers=94,
-            tool_call_parser="hermes",
-            reasoning_parser="qwen3",
-            source="huggingface.co/Qwen/Qwen3-235B-A22B config.json",
-        ),
-        # DeepSeek-V3 (deepseek-ai/DeepSeek-V3 config.json): 61 layers (first 3 dense), hidden
-        # 7168, 256 routed experts of 2048 + 1 shared, top-8, MLA attention whose cache is the
-        # compressed latent (kv_lora_rank 512 + rope 64 = 576 elements per token per layer).
-        # 671B / 37B; 128k context.
-        Architecture(
-            key="deepseek-v3",
-            family="deepseek_v3",
-            hf_ids=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-V3-0324"),
-            num_layers=61,
-            num_moe_layers=58,
-            hidden_size=7168,
-            num_experts=256,
-            experts_per_token=8,
-            moe_intermediate_size=2048,
-            num_shared_experts=1,
-            total_params=671e9,
-            active_params=37e9,
-            num_attention_heads=128,
-            num_kv_heads=1,
-            head_dim=576,
-            max_context=131_072,
-            vocab_size=129_280,
-            full_attention_layers=61,
-            kv_bytes_elements_per_token_full=576,
-            tool_call_parser="deepseek_v3",
-            reasoning_parser="deepseek_r1",
-            source="huggingface.co/deepseek-ai/DeepSeek-V3 config.json",
-            notes="MLA: KV cache is replicated on every TP rank (latent is not head-sharded)",
-        ),
-    )
-}
-
-
 @dataclass(frozen=True)
 class Accelerator:
     """An accelerator type: memory and an indicative on-demand hourly price."""
@@ -281,62 +115,79 @@ class Accelerator:
     interconnect_gbs: float = 0.0
 
 
-#: Prices: indicative on-demand USD per GPU-hour (public cloud list prices, late 2025); users
-#: should set spec.pricing.hourlyPricePerGpu to their own.
-ACCELERATORS: dict[str, Accelerator] = {
-    "A100-40GB": Accelerator(
-        "A100-40GB",
-        40,
-        1555,
-        3.67,
-        node_label_value="NVIDIA-A100-SXM4-40GB",
-        ray_accelerator_type="A100",
-        nvml_name="NVIDIA A100-SXM4-40GB",
-        interconnect_gbs=25,
-    ),
-    "A100-80GB": Accelerator(
-        "A100-80GB",
-        80,
-        2039,
-        4.10,
-        node_label_value="NVIDIA-A100-SXM4-80GB",
-        ray_accelerator_type="A100",
-        nvml_name="NVIDIA A100-SXM4-80GB",
-        interconnect_gbs=25,
-    ),
-    "H100-80GB": Accelerator(
-        "H100-80GB",
-        80,
-        3350,
-        6.98,
-        node_label_value="NVIDIA-H100-80GB-HBM3",
-        ray_accelerator_type="H100",
-        nvml_name="NVIDIA H100 80GB HBM3",
-        interconnect_gbs=50,
-    ),
-    "H200-141GB": Accelerator(
-        "H200-141GB",
-        141,
-        4800,
-        8.50,
-        node_label_value="NVIDIA-H200",
-        ray_accelerator_type="H200",
-        nvml_name="NVIDIA H200",
-        interconnect_gbs=50,
-    ),
-    "L40S-48GB": Accelerator(
-        "L40S-48GB",
-        48,
-        864,
-        1.96,
-        node_label_value="NVIDIA-L40S",
-        ray_accelerator_type="L40S",
-        nvml_name="NVIDIA L40S",
-        interconnect_gbs=12.5,
-    ),
-    # Local runs: ranks are CPU processes; memory per rank is a budget, not a device size.
-    "CPU": Accelerator("CPU", 8, 50, 0.0, k8s_resource="", node_label=""),
-}
+_Row = typing.TypeVar("_Row", Architecture, Accelerator)
+
+
+def _checks(value: Any, hint: Any) -> bool:
+    """Whether `value`, as YAML gives it, is of the type a catalog field declares."""
+    if hint is Any:
+        return True
+    if hint is float:  # an int is a float here, as in a Python literal (kept as it is)
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is str or hint is type(None):
+        return isinstance(value, hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is types.UnionType or origin is typing.Union:
+        return any(_checks(value, arg) for arg in args)
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, tuple) and all(_checks(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _checks(k, args[0]) and _checks(v, args[1]) for k, v in value.items()
+        )
+    raise TypeError(f"catalog.yaml: no check for the field type {hint!r}")
+
+
+def _rows(cls: type[_Row], rows: Any, section: str) -> list[_Row]:
+    """The rows of one section of catalog.yaml, as instances of `cls`, each checked."""
+    if not isinstance(rows, list):
+        raise ValueError(f"catalog.yaml: {section!r} must be a list of rows")
+    hints = typing.get_type_hints(cls)
+    out = []
+    for i, row in enumerate(rows):
+        where = f"catalog.yaml: {section}[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not a mapping")
+        # A YAML list stands for a tuple field (hf_ids).
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple else v
+            for k, v in row.items()
+        }
+        try:
+            item = cls(**values)
+        except TypeError as err:  # an unknown or a missing field
+            raise ValueError(f"{where}: {err}") from None
+        for f in dataclasses.fields(cls):
+            value = getattr(item, f.name)
+            if not _checks(value, hints[f.name]):
+                hint = hints[f.name]
+                want = hint.__name__ if isinstance(hint, type) else hint
+                raise ValueError(f"{where}: {f.name} = {value!r} is not of type {want}")
+        out.append(item)
+    return out
+
+
+def _load() -> tuple[dict[str, Architecture], dict[str, Accelerator]]:
+    """Read catalog.yaml from the installed package: architectures and accelerators by key."""
+    text = resources.files("moe_operator").joinpath("catalog.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or set(data) != {"architectures", "accelerators"}:
+        raise ValueError("catalog.yaml must hold exactly 'architectures' and 'accelerators'")
+    archs = _rows(Architecture, data["architectures"], "architectures")
+    accels = _rows(Accelerator, data["accelerators"], "accelerators")
+    by_key = {a.key: a for a in archs}
+    by_name = {a.name: a for a in accels}
+    if len(by_key) != len(archs) or len(by_name) != len(accels):
+        raise ValueError("catalog.yaml: a key or an accelerator name stands twice")
+    return by_key, by_name
+
+
+#: The built-in architectures by catalog key, and the accelerators by name, in catalog.yaml's
+#: order. Prices: indicative on-demand USD per GPU-hour (public cloud list prices, late 2025);
+#: users should set spec.pricing.hourlyPricePerGpu to their own.
+ARCHITECTURES, ACCELERATORS = _load()
 
 
 def lookup(key: str) -> Architecture | None:

@@ -261,6 +261,11 @@ def cmd_up(args: argparse.Namespace) -> None:
         raise CliError(str(err)) from None
 
 
+def _add_file_argument(p: argparse.ArgumentParser) -> None:
+    """`-f/--file`: the MoEDeployment manifest a command reads (plan, render, validate)."""
+    p.add_argument("-f", "--file", required=True, help="MoEDeployment YAML ('-' = stdin)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moectl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print the expert-parallel layout of a MoEDeployment")
-    p.add_argument("-f", "--file", required=True, help="MoEDeployment YAML ('-' = stdin)")
+    _add_file_argument(p)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.add_argument(
         "--compare",
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("render", help="print the Kubernetes objects for a MoEDeployment")
-    p.add_argument("-f", "--file", required=True, help="MoEDeployment YAML ('-' = stdin)")
+    _add_file_argument(p)
     p.add_argument(
         "--uid",
         default="00000000-0000-0000-0000-000000000000",
@@ -287,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="check a MoEDeployment manifest and plan it")
-    p.add_argument("-f", "--file", required=True)
+    _add_file_argument(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="print the MoEDeployment CRD")

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from moe_operator.api import MoEDeploymentSpec
-from moe_operator.planner import Plan, PlanningError, layouts
+from moe_operator.planner import Plan, PlanningError, ReplicaLayout, layouts
 
 CHOICE_RULE = (
     "the planner's rule: the smallest replica that holds the weights plus one full-length "
@@ -24,19 +24,11 @@ CHOICE_RULE = (
 )
 
 
-class Row(BaseModel):
-    """One layout that fits."""
-
-    model_config = ConfigDict(extra="forbid")
+class Row(ReplicaLayout):
+    """One layout that fits (its parallel sizes, GPUs and nodes: `ReplicaLayout`)."""
 
     layout: str = Field(description="The plan's one-line summary.")
     expert_parallel: bool
-    expert_parallel_size: int
-    tensor_parallel_size: int
-    data_parallel_size: int
-    pipeline_parallel_size: int
-    gpus_per_replica: int
-    nodes_per_replica: int
     max_full_length_sequences: int
     output_tokens_per_s: float = Field(description="Decode roofline per replica (estimate).")
     hourly_usd: float
@@ -67,7 +59,8 @@ def _key(p: Plan) -> tuple[int, ...]:
 
 
 def _row(p: Plan, ep_on: bool, chosen: Plan | None) -> Row:
-    # Fields named alike in Row and Plan (the sizes, GPUs, nodes, KV capacity) are the plan's.
+    # Fields named alike in Row and Plan (the `ReplicaLayout` sizes, GPUs and nodes, and the KV
+    # capacity) are the plan's.
     same = {name: getattr(p, name) for name in Row.model_fields.keys() & Plan.model_fields.keys()}
     return Row(
         **same,

@@ -65,10 +65,22 @@ class RankPlacement(BaseModel):
     experts: list[int] = Field(description="Global expert ids held (redundant copies included).")
 
 
-class Plan(BaseModel):
-    """The chosen layout of one replica, and what it implies."""
+class ReplicaLayout(BaseModel):
+    """The parallel sizes of one replica and the accelerators and nodes they take: shared by the
+    plan and by each row of the layout comparison (`moe_operator.compare`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    expert_parallel_size: int
+    tensor_parallel_size: int
+    data_parallel_size: int
+    pipeline_parallel_size: int
+    gpus_per_replica: int
+    nodes_per_replica: int
+
+
+class Plan(ReplicaLayout):
+    """The chosen layout of one replica, and what it implies."""
 
     architecture: str
     family: str
@@ -76,12 +88,6 @@ class Plan(BaseModel):
     num_experts: int
     num_moe_layers: int
     experts_per_token: int
-    expert_parallel_size: int
-    tensor_parallel_size: int
-    data_parallel_size: int
-    pipeline_parallel_size: int
-    gpus_per_replica: int
-    nodes_per_replica: int
     gpus_per_node: int = Field(description="Accelerators each worker pod requests.")
     experts_per_rank: int
     redundant_experts: int

@@ -31,6 +31,7 @@ from moe_serving import cpu_ray, hops, live_state, metrics, parser_support, tool
 from moe_serving.admission import AdmissionQueue, QueueFullError
 from moe_serving.config import AppConfig
 from moe_serving.engine_obs import EngineObserver, EngineRequest, instrument_engine
+from moe_serving.expert_metrics import expert_window
 from moe_serving.protocol import Event, Kind, Reason, Refusal, ResponseHead, error_body
 from moe_serving.request_cost import RequestCost
 from moe_serving.vllm_args import build_namespace, cpu_env_defaults
@@ -254,7 +255,7 @@ class EngineServer:
             dp_rank=dp_rank,
             unavailable=self.unavailable,
             engine_group=engine_group,
-            expert_window=metrics.expert_window(),
+            expert_window=expert_window(),
         )
 
     def metrics_text(self) -> str:

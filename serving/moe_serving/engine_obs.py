@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from moe_serving import expert_load, hops, metrics, request_cost, tracing
+from moe_serving import expert_load, expert_metrics, hops, metrics, request_cost, tracing
 from moe_serving.config import AppConfig
 from moe_serving.protocol import ResponseHead
 
@@ -85,7 +85,7 @@ class EngineObserver:
         )
         self.metrics = metrics.engine_metrics(self.model)
         if self.expert_load_dir is not None:
-            metrics.register_expert_load(
+            expert_metrics.register_expert_load(
                 self.expert_load_dir,
                 self.model,
                 self.config.per_expert_metrics,

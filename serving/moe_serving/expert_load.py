@@ -12,7 +12,7 @@ through the experts' `apply` method inside each worker process, which is where t
 
 Counts live in process memory and a daemon thread writes them, when changed, as one JSON file
 per process into `$MOE_EXPERT_LOAD_DIR` (set by the replica before vLLM starts; unset = off).
-The replica sums the files at scrape time (`moe_serving.metrics`). Exact for the TP+EP layout
+The replica sums the files at scrape time (`moe_serving.expert_metrics`). Exact for the TP+EP layout
 (every rank sees every token's ids); meant for eager CPU execution (counting inside a captured
 CUDA graph would not run per step).
 """

@@ -3,35 +3,28 @@
 * request outcomes, admission-queue wait, time to first token, time per output token and
   prompt/generated token counters (rate() of the counters = tokens/s), recorded per request by
   `moe_serving.engine_obs`;
-* expert load: tokens routed to each EP rank, and bounded imbalance signals per MoE layer over a
-  sliding window (`moe_serving.imbalance`), summed at scrape time from the per-worker files that
-  `moe_serving.expert_load` writes; tokens per (layer, expert) only when asked for
-  (`AppConfig.per_expert_metrics`: layers x experts series);
 * the replica's queue depth (`EngineServer.queue_depth()`: admission queue, in the engine,
   refused and cancelled requests), read at scrape time;
 * the replica count of the engine deployment, from Ray Serve's status (asked by the ingress);
 * the ingress's own request counts and durations (`IngressMetrics`, a registry of its own).
 
-All go to prometheus_client's default registry of the process (where vLLM's metrics are), so
+The engine's series go to prometheus_client's default registry of the process (where vLLM's
+metrics are, and the expert-load series of `moe_serving.expert_metrics`), so
 `EngineServer.metrics_text()` exposes them together; the ingress's /metrics shows every
 replica's text at once, each sample labelled with its replica (`label_replicas`).
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from moe_serving import imbalance, tracing
+from moe_serving import tracing
 
 if TYPE_CHECKING:
     from moe_serving.engine import QueueDepth
@@ -108,154 +101,6 @@ def engine_metrics(model: str) -> EngineMetrics:
     if not _ENGINE_METRICS:
         _ENGINE_METRICS.append(EngineMetrics(model))
     return _ENGINE_METRICS[0]
-
-
-@dataclass
-class ExpertLoad:
-    """Summed worker counts: per (layer, expert), per (layer, EP rank) and per EP rank."""
-
-    by_expert: dict[tuple[int, int], int] = field(default_factory=dict)
-    by_rank: dict[int, int] = field(default_factory=dict)
-    by_layer_rank: dict[tuple[int, int], int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_rank.values())
-
-    def counts(self) -> imbalance.Counts:
-        return imbalance.Counts(dict(self.by_expert), dict(self.by_layer_rank))
-
-
-def read_expert_load(directory: Path) -> ExpertLoad:
-    """Sum the JSON files of `moe_serving.expert_load` (one per worker process)."""
-    load = ExpertLoad()
-    for path in sorted(directory.glob("rank*-pid*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):  # replaced between glob and read: next scrape sees it
-            continue
-        rank = int(data["ep_rank"])
-        for layer, counts in data["layers"].items():
-            for expert, n in enumerate(counts):
-                key = (int(layer), expert)
-                load.by_expert[key] = load.by_expert.get(key, 0) + int(n)
-                load.by_rank[rank] = load.by_rank.get(rank, 0) + int(n)
-                lr = (int(layer), rank)
-                load.by_layer_rank[lr] = load.by_layer_rank.get(lr, 0) + int(n)
-    return load
-
-
-class ExpertLoadCollector(Collector):
-    """Scrape-time view of the expert-load files of one replica, and the window of counts that
-    the imbalance signals (series and live report) are computed over."""
-
-    def __init__(
-        self,
-        directory: Path,
-        model: str,
-        per_expert: bool = False,
-        window_s: float = imbalance.WINDOW_S,
-    ) -> None:
-        self.directory = directory
-        self.model = model
-        self.per_expert = per_expert
-        self.window = imbalance.Window(window_s)
-        self.lock = threading.Lock()  # scrapes and live reports may run on different threads
-
-    def recent(self) -> tuple[ExpertLoad, imbalance.Counts]:
-        """The cumulative load, and what was counted within the window."""
-        load = read_expert_load(self.directory)
-        with self.lock:
-            return load, self.window.observe(time.monotonic(), load.counts())
-
-    def live(self) -> dict[str, Any]:
-        """For the live-state report: this engine's (layer, rank) counts within the window."""
-        _, delta = self.recent()
-        return {f"{layer}:{rank}": n for (layer, rank), n in delta.by_layer_rank.items()}
-
-    def collect(self) -> Iterator[Any]:
-        load, delta = self.recent()
-        if self.per_expert:
-            experts = CounterMetricFamily(
-                "moe_expert_tokens",
-                "Tokens routed to an expert (each token counts once per top-k slot), by MoE layer.",
-                labels=["model", "layer", "expert"],
-            )
-            for (layer, expert), n in sorted(load.by_expert.items()):
-                experts.add_metric([self.model, str(layer), str(expert)], n)
-            yield experts
-        ranks = CounterMetricFamily(
-            "moe_ep_rank_tokens",
-            "Token-expert pairs computed by an expert-parallel rank (all MoE layers).",
-            labels=["model", "ep_rank"],
-        )
-        for rank, n in sorted(load.by_rank.items()):
-            ranks.add_metric([self.model, str(rank)], n)
-        yield ranks
-        yield from self._signals(imbalance.signals(delta))
-
-    def _signals(self, sig: imbalance.Signals) -> Iterator[Any]:
-        window = f" over the last {self.window.window_s:.0f}s"
-        by_rank = GaugeMetricFamily(
-            "moe_layer_rank_imbalance",
-            "Max / mean tokens over this engine's EP ranks in a MoE layer" + window,
-            labels=["model", "layer"],
-        )
-        by_expert = GaugeMetricFamily(
-            "moe_layer_expert_imbalance",
-            "Max / mean tokens over the experts of a MoE layer" + window,
-            labels=["model", "layer"],
-        )
-        hot = GaugeMetricFamily(
-            "moe_layer_hot_expert_share",
-            f"Share of a MoE layer's tokens routed to its {imbalance.TOP_N} hottest experts "
-            f"(place 1 = hottest){window}",
-            labels=["model", "layer", "place", "expert"],
-        )
-        for layer in sig.layers:
-            by_rank.add_metric([self.model, str(layer.layer)], layer.rank_imbalance)
-            by_expert.add_metric([self.model, str(layer.layer)], layer.expert_imbalance)
-            for place, (expert, share) in enumerate(layer.hottest, start=1):
-                hot.add_metric([self.model, str(layer.layer), str(place), str(expert)], share)
-        yield by_rank
-        yield by_expert
-        yield hot
-        if sig.worst_rank_imbalance is not None:
-            yield GaugeMetricFamily(
-                "moe_ep_imbalance_worst",
-                "The worst MoE layer's max / mean tokens over this engine's EP ranks" + window,
-                value=sig.worst_rank_imbalance,
-            )
-            yield GaugeMetricFamily(
-                "moe_ep_imbalance_step_lost_fraction",
-                "Estimated fraction of MoE compute lost waiting for the busiest EP rank" + window,
-                value=sig.step_fraction_lost or 0.0,
-            )
-
-
-_EXPERT_COLLECTOR: list[ExpertLoadCollector] = []
-
-
-def register_expert_load(
-    directory: Path,
-    model: str,
-    per_expert: bool = False,
-    window_s: float = imbalance.WINDOW_S,
-) -> None:
-    """Expose the expert-load files (once per process; a new directory replaces the old one)."""
-    if _EXPERT_COLLECTOR:
-        _EXPERT_COLLECTOR[0].directory = directory
-        _EXPERT_COLLECTOR[0].per_expert = per_expert
-        _EXPERT_COLLECTOR[0].window = imbalance.Window(window_s)
-        return
-    collector = ExpertLoadCollector(directory, model, per_expert, window_s)
-    _EXPERT_COLLECTOR.append(collector)
-    REGISTRY.register(collector)
-
-
-def expert_window() -> dict[str, Any]:
-    """This process's (layer, rank) counts within the window, for the live report ({} if off)."""
-    return _EXPERT_COLLECTOR[0].live() if _EXPERT_COLLECTOR else {}
 
 
 class QueueCollector(Collector):

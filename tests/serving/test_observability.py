@@ -10,7 +10,7 @@ import torch
 from otlp_receiver import OtlpReceiver
 from prometheus_client import CollectorRegistry, generate_latest
 
-from moe_serving import expert_load, metrics, tracing
+from moe_serving import expert_load, expert_metrics, metrics, tracing
 from moe_serving.config import AppConfig, TracingArgs
 from moe_serving.engine_obs import EngineObserver
 from moe_serving.protocol import ResponseHead
@@ -130,14 +130,14 @@ def test_expert_counts_per_rank_sum_to_tokens_times_topk(tmp_path: Path) -> None
         counter.record(layer_a, topk_ids, expert_map)
         counter.record(layer_b, topk_ids[:1], expert_map)
         counter.flush()
-    load = metrics.read_expert_load(tmp_path)
+    load = expert_metrics.read_expert_load(tmp_path)
     assert load.by_rank == {0: 2 + 1, 1: 4 + 1}
     assert load.total == (3 + 1) * 2  # (tokens of both layers) x top_k
     assert load.by_expert[(0, 2)] == 2 and load.by_expert[(0, 3)] == 2
     assert load.by_expert[(1, 0)] == 1 and load.by_expert[(1, 1)] == 0
 
     registry = CollectorRegistry()
-    registry.register(metrics.ExpertLoadCollector(tmp_path, "m", per_expert=True))
+    registry.register(expert_metrics.ExpertLoadCollector(tmp_path, "m", per_expert=True))
     text = generate_latest(registry).decode()
     assert 'moe_ep_rank_tokens_total{ep_rank="1",model="m"} 5.0' in text
     assert 'moe_expert_tokens_total{expert="3",layer="0",model="m"} 2.0' in text
@@ -150,7 +150,7 @@ def test_without_expert_map_only_the_first_tp_rank_counts(tmp_path: Path) -> Non
         counter.rank = (0, first)
         counter.record(object(), ids, None)
         counter.flush()
-    assert metrics.read_expert_load(tmp_path).total == 2
+    assert expert_metrics.read_expert_load(tmp_path).total == 2
 
 
 def test_install_wraps_apply_once_and_keeps_behaviour(tmp_path: Path, monkeypatch: Any) -> None:
@@ -169,7 +169,7 @@ def test_install_wraps_apply_once_and_keeps_behaviour(tmp_path: Path, monkeypatc
     found = expert_load.counter()
     assert found is not None
     found.flush()
-    assert metrics.read_expert_load(tmp_path).total == 2
+    assert expert_metrics.read_expert_load(tmp_path).total == 2
 
 
 _CHART = Path(__file__).parents[2] / "charts" / "moe-operator"

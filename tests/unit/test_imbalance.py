@@ -119,7 +119,7 @@ def test_operator_reads_it_into_status_rounded() -> None:
 
 
 def test_series_are_bounded_and_per_expert_is_opt_in(tmp_path: Path) -> None:
-    from moe_serving.metrics import ExpertLoadCollector
+    from moe_serving.expert_metrics import ExpertLoadCollector
 
     layers, experts = 4, 64
     for rank in (0, 1):
