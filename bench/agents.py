@@ -24,7 +24,15 @@ from typing import Any
 
 import aiohttp
 
-from .loadgen import LoadResult, RequestResult, Tokenizer, Workload, iter_sse, make_prompt
+from .loadgen import (
+    LoadResult,
+    RequestResult,
+    Tokenizer,
+    Workload,
+    client_connector,
+    iter_sse,
+    make_prompt,
+)
 
 _REPLICA = re.compile(r'^moe_replica_queue_depth\{replica="([^"]+)"\}', re.M)
 _HITS = re.compile(r"^vllm:prefix_cache_(hits|queries)_total\{[^}]*\} (\S+)$", re.M)
@@ -185,7 +193,9 @@ async def run(
     )
     out = LoadResult(workload)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as http:
+    async with aiohttp.ClientSession(
+        connector=client_connector(), timeout=timeout, trust_env=False
+    ) as http:
         hits0, queries0 = prefix_cache(await _metrics(http, base_url))
         t0 = time.perf_counter()
 

@@ -30,6 +30,7 @@ class FakeState:
     hang: bool = False  # never answer
     gate: int = 0  # hold each request until this many are in flight (or 5 s pass)
     metrics: list[str] = field(default_factory=list)  # /metrics answers, one per GET, in order
+    peers: list[tuple[str, int]] = field(default_factory=list)  # client address per request
     bodies: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -53,6 +54,8 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     body = await request.json()
     state.bodies.append(body)
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    state.peers.append(tuple(peer[:2]) if peer else ("", 0))
     arrival = len(state.bodies)
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
@@ -114,8 +117,11 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def fake_openai(state: FakeState | None = None) -> AsyncIterator[tuple[str, FakeState]]:
-    """Serve on 127.0.0.1 (any free port); yields (base URL, state)."""
+async def fake_openai(
+    state: FakeState | None = None, keepalive_s: float = 75.0
+) -> AsyncIterator[tuple[str, FakeState]]:
+    """Serve on 127.0.0.1 (any free port), closing connections idle for `keepalive_s`; yields
+    (base URL, state)."""
     st = state or FakeState()
     app = web.Application()
     app[STATE] = st
@@ -138,7 +144,7 @@ async def fake_openai(state: FakeState | None = None) -> AsyncIterator[tuple[str
 
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, shutdown_timeout=0.5, keepalive_timeout=keepalive_s)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

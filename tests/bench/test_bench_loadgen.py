@@ -366,3 +366,29 @@ async def test_grpc_errors_carry_the_status_code() -> None:
         await server.stop(None)
     assert (s.ok, s.failed) == (0, 2)
     assert s.errors[0].startswith("gRPC UNAVAILABLE")
+
+
+def test_an_idle_pooled_connection_is_dropped_before_the_server_drops_it() -> None:
+    """vLLM's server closes connections idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE in
+    vllm/envs.py); aiohttp's pool keeps them 15 s by default, so a request on one that the server
+    is closing fails ("Server disconnected", 25 of bare vLLM's requests in the bench run of
+    2026-12-05). Here the server keeps connections 3 s: a request 2.5 s after the last one must
+    come on a new connection (the client dropped the idle one), not on the server's doomed one."""
+    from bench.loadgen import CLIENT_KEEPALIVE_S
+
+    workload = Workload(concurrency=1, max_requests=1, max_seconds=30, prompt_words=4, max_tokens=2)
+
+    async def go() -> list[tuple[str, int]]:
+        async with fake_openai(keepalive_s=3.0) as (url, state):
+            async with OpenAIClient(url, "tiny-moe") as client:
+                send = client.sender(workload)
+                assert (await send(0)).ok
+                assert (await send(1)).ok  # at once: the pooled connection is reused
+                await asyncio.sleep(CLIENT_KEEPALIVE_S + 0.5)
+                assert (await send(2)).ok
+            return state.peers
+
+    peers = asyncio.run(go())
+    assert CLIENT_KEEPALIVE_S + 0.5 < 3.0
+    assert peers[0] == peers[1], "back-to-back requests should share a connection"
+    assert peers[2] != peers[1], "an idle connection was kept past the client's keep-alive"
