@@ -63,7 +63,7 @@ class AgentWorkload:
 
     sessions: int = 4
     turns: int = 6
-    instruction_tokens: int = 256
+    instruction_tokens: int = 192
     user_tokens: int = 12
     max_tokens: int = 16
 
@@ -77,8 +77,17 @@ def system_prompt(session: str, tokens: int, tokenizer: Tokenizer | None) -> str
     `tokens` tokens of instructions and the tool definitions."""
     seed = int.from_bytes(session.encode()[-4:], "big")
     instructions = make_prompt(seed, tokens, tokenizer)
-    tools = json.dumps(TOOLS, sort_keys=True)
-    return f"Agent session {session}.\n{instructions}\nTools:\n{tools}"
+    return f"Agent session {session}.\n{instructions}\nTools:\n{tool_lines()}"
+
+
+def tool_lines() -> str:
+    """The tool definitions, one compact signature a line (the tiny model's tokenizer spends
+    about a token per character of JSON, so the JSON schema would not fit its context)."""
+    lines = []
+    for tool in TOOLS:
+        params = ", ".join(tool["parameters"]["properties"])
+        lines.append(f"- {tool['name']}({params}): {tool['description']}")
+    return "\n".join(lines)
 
 
 def prefix_cache(metrics_text: str) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,134 @@ def grpc_lines(results: dict[str, Any]) -> list[str]:
                 + " |"
             )
     return lines if found else ["Not measured."]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the performance issue (#14): num / den of `key` within `bound`."""
+
+    label: str
+    num: str
+    den: str
+    key: str
+    streams: tuple[bool, ...]
+    concs: tuple[int, ...] | None  # None: every concurrency of the run
+    bound: float
+    higher: bool  # higher is better (else lower)
+
+
+_BOTH = (True, False)
+TOKS = "output_tokens_per_s"
+TARGETS = (
+    Target("out tok/s >= 0.97x vLLM", "ours-http", "vllm", TOKS, _BOTH, None, 0.97, True),
+    Target("out tok/s >= 0.97x vLLM", "ours-grpc", "vllm", TOKS, _BOTH, None, 0.97, True),
+    Target(
+        "out tok/s >= 1.0x Ray Serve LLM",
+        "ours-http",
+        "ray-serve-llm",
+        TOKS,
+        _BOTH,
+        None,
+        1.0,
+        True,
+    ),
+    Target(
+        "out tok/s >= 1.0x Ray Serve LLM",
+        "ours-grpc",
+        "ray-serve-llm",
+        TOKS,
+        _BOTH,
+        None,
+        1.0,
+        True,
+    ),
+    Target(
+        "TTFT p50 at c=1 <= 1.15x vLLM",
+        "ours-http",
+        "vllm",
+        "ttft_p50_s",
+        (True,),
+        (1,),
+        1.15,
+        False,
+    ),
+    Target(
+        "TTFT p50 at c=1 <= 1.15x vLLM",
+        "ours-grpc",
+        "vllm",
+        "ttft_p50_s",
+        (True,),
+        (1,),
+        1.15,
+        False,
+    ),
+    Target(
+        "gRPC TTFT p50 <= HTTP", "ours-grpc", "ours-http", "ttft_p50_s", (True,), None, 1.0, False
+    ),
+    Target("gRPC E2E p50 <= HTTP", "ours-grpc", "ours-http", "e2e_p50_s", _BOTH, None, 1.0, False),
+)
+
+
+def _verdict(iv: stats.Interval, bound: float, higher: bool) -> str:
+    """met / missed when the whole interval is on one side of the bound, else which side the
+    estimate is on (not resolved by this run)."""
+    ok = (lambda v: v >= bound) if higher else (lambda v: v <= bound)
+    if iv.low is not None and iv.high is not None:
+        if ok(iv.low) and ok(iv.high):
+            return "met"
+        if not ok(iv.low) and not ok(iv.high):
+            return "**missed**"
+    return (
+        "likely met (interval spans the bound)"
+        if ok(iv.estimate)
+        else "**likely missed** (interval spans the bound)"
+    )
+
+
+def targets_lines(results: dict[str, Any]) -> list[str]:
+    """Each target of the performance issue, cell by cell: the ratio with its interval and a
+    verdict (met / missed only when the whole interval is on one side of the bound)."""
+    if not results.get("serving"):
+        return ["Not run."]
+    n_rounds = len(rounds_of(results))
+    rows = [
+        "| target | comparison | cell | ratio [95% interval] | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    tally: dict[str, int] = {}
+
+    def count(verdict: str) -> None:
+        word = verdict.split(" (")[0].strip("*")
+        tally[word] = tally.get(word, 0) + 1
+
+    for t in TARGETS:
+        for stream in t.streams:
+            for conc in t.concs or tuple(_concs(results, stream)):
+                iv = interval(results, t.num, t.den, stream, conc, t.key)
+                if iv is None:
+                    continue
+                verdict = _verdict(iv, t.bound, t.higher)
+                count(verdict)
+                rows.append(
+                    f"| {t.label} | {SHORT.get(t.num, t.num)} / {SHORT.get(t.den, t.den)} | "
+                    f"{'streaming' if stream else 'non-streaming'} c={conc} | "
+                    f"{fmt_interval(iv, n_rounds)} | {verdict} |"
+                )
+    launches = _launches_by_system(results)
+    cold = {
+        name: [la["cold_start_s"] for la in launches.get(name, []) if la.get("cold_start_s")]
+        for name in ("ours", "vllm")
+    }
+    cold_iv = stats.unpaired_ratio(cold["ours"], cold["vllm"]) if all(cold.values()) else None
+    if cold_iv is not None:
+        verdict = _verdict(cold_iv, 1.1, False)
+        count(verdict)
+        rows.append(
+            f"| cold start <= 1.1x vLLM | ours / vLLM | per launch | {fmt_interval(cold_iv)} | "
+            f"{verdict} |"
+        )
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(tally.items()))
+    return [f"Of {sum(tally.values())} target cells: {summary}.", "", *rows]
 
 
 def behind_cells(results: dict[str, Any]) -> list[tuple[str, str, str, stats.Interval]]:
@@ -769,6 +898,13 @@ def render(results: dict[str, Any], plot_files: list[Path]) -> str:
             "on the bad side of 1.0. The reason column is for a human who has looked into it.",
             "",
             *behind(results),
+            "",
+            "## Targets (bench/README.md: where they come from)",
+            "",
+            "Met or missed only when the whole 95% interval is on one side of the target;",
+            "otherwise this run cannot tell, and the verdict says which side the estimate is on.",
+            "",
+            *targets_lines(results),
             "",
         ]
     for stream in (True, False):

@@ -397,3 +397,22 @@ def test_main_refuses_engines_beside_another_ray_and_still_writes_a_report(
     assert saved["launches"] == [] and saved["serving"] == []
     text = (tmp_path / "out" / "RESULTS.md").read_text()
     assert "/fake/raylet" in text and "INVALID" not in text
+
+
+def test_targets_are_judged_only_where_the_interval_is_on_one_side() -> None:
+    text = report.render(synthetic(5), [])
+    targets = text.split("## Targets")[1].split("\n## ")[0]
+    # ours HTTP is exactly 0.80x vLLM's throughput: below 0.97 with the whole interval.
+    assert (
+        "| out tok/s >= 0.97x vLLM | ours HTTP / vLLM | streaming c=1 | 0.80x [0.80, 0.80] | "
+        "**missed** |" in targets
+    )
+    # An interval across the bound gives no verdict, only the estimate's side.
+    spans = stats.Interval(0.99, 0.90, 1.08, 5)
+    assert report._verdict(spans, 0.97, True) == "likely met (interval spans the bound)"
+    assert report._verdict(spans, 1.0, True).startswith("**likely missed**")
+    assert report._verdict(stats.Interval(1.2, 1.1, 1.3, 5), 1.15, False).startswith("**likely")
+    assert report._verdict(stats.Interval(1.3, 1.2, 1.4, 5), 1.15, False) == "**missed**"
+    # gRPC vs HTTP latency: gRPC is 1.25x faster, exactly -> met in every cell.
+    assert "| gRPC E2E p50 <= HTTP | ours gRPC / ours HTTP | non-streaming c=4 | 0.80x" in targets
+    assert "Of " in targets and " met" in targets and "missed" in targets
