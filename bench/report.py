@@ -352,49 +352,23 @@ class Target:
 
 
 _BOTH = (True, False)
-TOKS = "output_tokens_per_s"
 TARGETS = (
-    Target("out tok/s >= 0.97x vLLM", "ours-http", "vllm", TOKS, _BOTH, None, 0.97, True),
-    Target("out tok/s >= 0.97x vLLM", "ours-grpc", "vllm", TOKS, _BOTH, None, 0.97, True),
-    Target(
-        "out tok/s >= 1.0x Ray Serve LLM",
-        "ours-http",
-        "ray-serve-llm",
-        TOKS,
-        _BOTH,
-        None,
-        1.0,
-        True,
-    ),
-    Target(
-        "out tok/s >= 1.0x Ray Serve LLM",
-        "ours-grpc",
-        "ray-serve-llm",
-        TOKS,
-        _BOTH,
-        None,
-        1.0,
-        True,
-    ),
-    Target(
-        "TTFT p50 at c=1 <= 1.15x vLLM",
-        "ours-http",
-        "vllm",
-        "ttft_p50_s",
-        (True,),
-        (1,),
-        1.15,
-        False,
-    ),
-    Target(
-        "TTFT p50 at c=1 <= 1.15x vLLM",
-        "ours-grpc",
-        "vllm",
-        "ttft_p50_s",
-        (True,),
-        (1,),
-        1.15,
-        False,
+    *(
+        Target(label, ours, peer, key, streams, concs, bound, higher)
+        for label, peer, key, streams, concs, bound, higher in (
+            ("out tok/s >= 0.97x vLLM", "vllm", "output_tokens_per_s", _BOTH, None, 0.97, True),
+            (
+                "out tok/s >= 1.0x Ray Serve LLM",
+                "ray-serve-llm",
+                "output_tokens_per_s",
+                _BOTH,
+                None,
+                1.0,
+                True,
+            ),
+            ("TTFT p50 at c=1 <= 1.15x vLLM", "vllm", "ttft_p50_s", (True,), (1,), 1.15, False),
+        )
+        for ours in OURS  # each target holds for HTTP and for gRPC
     ),
     Target(
         "gRPC TTFT p50 <= HTTP", "ours-grpc", "ours-http", "ttft_p50_s", (True,), None, 1.0, False
