@@ -33,7 +33,7 @@ from moe_operator.api import (
 )
 from moe_operator.children import CHILDREN
 from moe_operator.errors import describe
-from moe_operator.planner import Plan, PlanningError, plan
+from moe_operator.planner import Plan, PlanningError, ReplicaLayout, plan
 from moe_operator.render import Owner, RenderError, check_renderable, endpoints, render
 from moe_operator.runtime import Obj, Runtime, plain
 from moe_operator.workqueue import OwnerKey
@@ -291,21 +291,7 @@ def _apply_eplb(ctx: Context) -> None:
 
 def _same_layout(a: Plan, b: Plan) -> bool:
     """The same replica size and split (what applying EPLB must not change)."""
-    return (
-        a.gpus_per_replica,
-        a.nodes_per_replica,
-        a.expert_parallel_size,
-        a.tensor_parallel_size,
-        a.data_parallel_size,
-        a.pipeline_parallel_size,
-    ) == (
-        b.gpus_per_replica,
-        b.nodes_per_replica,
-        b.expert_parallel_size,
-        b.tensor_parallel_size,
-        b.data_parallel_size,
-        b.pipeline_parallel_size,
-    )
+    return all(getattr(a, name) == getattr(b, name) for name in ReplicaLayout.model_fields)
 
 
 def rejected(obj: Obj, err: kube.ApiError) -> status_mod.Problem:
