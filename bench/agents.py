@@ -36,6 +36,7 @@ from .loadgen import (
 
 _REPLICA = re.compile(r'^moe_replica_queue_depth\{replica="([^"]+)"\}', re.M)
 _HITS = re.compile(r"^vllm:prefix_cache_(hits|queries)_total\{[^}]*\} (\S+)$", re.M)
+_DECISIONS = re.compile(r'^moe_routing_decisions_total\{reason="(\w+)"\} (\S+)$', re.M)
 
 #: Tool definitions of an agent, as agent frameworks write them into a prompt.
 TOOLS = [
@@ -63,7 +64,7 @@ class AgentWorkload:
 
     sessions: int = 4
     turns: int = 6
-    instruction_tokens: int = 192
+    instruction_tokens: int = 320
     user_tokens: int = 12
     max_tokens: int = 16
 
@@ -96,6 +97,11 @@ def prefix_cache(metrics_text: str) -> tuple[float, float]:
     for kind, value in _HITS.findall(metrics_text):
         totals[kind] += float(value)
     return totals["hits"], totals["queries"]
+
+
+def routing_decisions(metrics_text: str) -> dict[str, float]:
+    """The ingress's prefix-affinity router decisions so far, by reason (none: router off)."""
+    return {reason: float(value) for reason, value in _DECISIONS.findall(metrics_text)}
 
 
 async def _metrics(session: aiohttp.ClientSession, base_url: str) -> str:
@@ -163,17 +169,19 @@ def _body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[s
 
 @dataclass
 class AgentRun:
-    """One workload's requests, wall time and prefix-cache counts."""
+    """One workload's requests, wall time, prefix-cache counts and routing decisions."""
 
     result: LoadResult
     hits: float
     queries: float
+    decisions: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
         out = self.result.summary().as_dict()
         out["prefix_cache_hits"] = self.hits
         out["prefix_cache_queries"] = self.queries
         out["prefix_cache_hit_rate"] = self.hits / self.queries if self.queries else None
+        out["routing_decisions"] = self.decisions
         out["failures"] = self.result.failures()
         return out
 
@@ -205,7 +213,8 @@ async def run(
     async with aiohttp.ClientSession(
         connector=client_connector(), timeout=timeout, trust_env=False
     ) as http:
-        hits0, queries0 = prefix_cache(await _metrics(http, base_url))
+        before = await _metrics(http, base_url)
+        hits0, queries0 = prefix_cache(before)
         t0 = time.perf_counter()
 
         async def agent(s: int) -> None:
@@ -236,9 +245,12 @@ async def run(
 
         await asyncio.gather(*(agent(s) for s in range(shape.sessions)))
         out.wall_s = time.perf_counter() - t0
-        hits1, queries1 = prefix_cache(await _metrics(http, base_url))
+        after = await _metrics(http, base_url)
+        hits1, queries1 = prefix_cache(after)
     out.results.sort(key=lambda r: r.index)
-    return AgentRun(out, hits1 - hits0, queries1 - queries0)
+    decided0 = routing_decisions(before)
+    decisions = {k: v - decided0.get(k, 0.0) for k, v in routing_decisions(after).items()}
+    return AgentRun(out, hits1 - hits0, queries1 - queries0, decisions)
 
 
 def wait_replicas(base_url: str, count: int, timeout_s: float) -> None:

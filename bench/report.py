@@ -1016,8 +1016,8 @@ def agents_lines(results: dict[str, Any]) -> list[str]:
         for by_kind in by_system.values()
         for row in by_kind.values()
     )
+    lines += ["", *_decision_lines(a, rounds)]
     lines += [
-        "",
         f"- failed requests: {failed}; launches: "
         + ", ".join(
             f"{x['system']} (rounds {x['rounds']}, cold start {_fmt(x.get('cold_start_s'), 's')})"
@@ -1026,6 +1026,23 @@ def agents_lines(results: dict[str, Any]) -> list[str]:
         "- TTFT is lower-is-better, tok/s and hit rate higher-is-better; a ratio whose interval "
         "excludes 1.0 is a measured difference, otherwise it is within this machine's noise.",
     ]
+    return lines
+
+
+def _decision_lines(a: dict[str, Any], rounds: list[str]) -> list[str]:
+    """The prefix-affinity router's decisions per workload, summed over rounds (the default
+    router makes none): whether affinity engaged where sessions repeat and stayed out of the
+    control."""
+    lines = []
+    for kind in ("agent", "control"):
+        totals: dict[str, float] = {}
+        for r in rounds:
+            row = a["rounds"][r].get("affinity", {}).get(kind, {})
+            for reason, n in (row.get("routing_decisions") or {}).items():
+                totals[reason] = totals.get(reason, 0.0) + n
+        if totals:
+            counts = ", ".join(f"{reason} {n:.0f}" for reason, n in sorted(totals.items()))
+            lines.append(f"- router decisions, {kind} workload (all rounds): {counts}")
     return lines
 
 

@@ -559,7 +559,8 @@ def run_agents(
                         f"TTFT p50 {row['ttft_p50_s'] or 0:.3f}s "
                         f"p99 {row['ttft_p99_s'] or 0:.3f}s  "
                         f"{row['output_tokens_per_s']:.1f} tok/s  "
-                        f"hit rate {'-' if hit is None else f'{hit:.2f}'}"
+                        f"hit rate {'-' if hit is None else f'{hit:.2f}'}  "
+                        f"decisions {row['routing_decisions'] or '-'}"
                     )
     failed = [
         f"r{r} {system} {kind}: {row['failed']} failed ({row['errors']})"

@@ -20,9 +20,11 @@ SHAPE = agents.AgentWorkload(
 )
 
 
-def _metrics(hits: float, queries: float) -> str:
+def _metrics(hits: float, queries: float, affinity: float = 0.0) -> str:
     return "\n".join(
         [
+            f'moe_routing_decisions_total{{reason="affinity"}} {affinity}',
+            'moe_routing_decisions_total{reason="fallback"} 3.0',
             f'vllm:prefix_cache_hits_total{{replica="a"}} {hits / 2}',
             f'vllm:prefix_cache_hits_total{{replica="b"}} {hits / 2}',
             f'vllm:prefix_cache_queries_total{{replica="a"}} {queries}',
@@ -33,7 +35,7 @@ def _metrics(hits: float, queries: float) -> str:
 
 def _run(control: bool) -> tuple[agents.AgentRun, list[dict[str, Any]]]:
     async def go() -> tuple[agents.AgentRun, list[dict[str, Any]]]:
-        state = FakeState(metrics=[_metrics(10, 100), _metrics(70, 200)])
+        state = FakeState(metrics=[_metrics(10, 100, 2), _metrics(70, 200, 11)])
         async with fake_openai(state) as (url, st):
             run = await agents.run(url, "tiny-moe", SHAPE, None, label="r0-x", control=control)
         return run, st.bodies
@@ -58,6 +60,8 @@ def test_an_agent_session_resends_its_own_prefix_and_its_history() -> None:
     # vLLM's counters: their change over the run, summed over replicas.
     assert (run.hits, run.queries) == (60.0, 100.0)
     assert run.as_dict()["prefix_cache_hit_rate"] == 0.6
+    # The router's decisions: their change over the run, by reason.
+    assert run.as_dict()["routing_decisions"] == {"affinity": 9.0, "fallback": 0.0}
 
 
 def test_the_control_shares_no_prefix_and_grows_like_an_agent() -> None:
@@ -88,7 +92,10 @@ def test_the_report_pairs_rounds_and_shows_each_workload() -> None:
             "setup": "s",
             "rounds": {
                 str(r): {
-                    "affinity": {"agent": row(0.1, 0.8), "control": row(0.2, 0.0)},
+                    "affinity": {
+                        "agent": {**row(0.1, 0.8), "routing_decisions": {"affinity": 5.0}},
+                        "control": {**row(0.2, 0.0), "routing_decisions": {"fallback": 6.0}},
+                    },
                     "default": {"agent": row(0.2, 0.4), "control": row(0.2, 0.0)},
                 }
                 for r in range(3)
@@ -100,4 +107,6 @@ def test_the_report_pairs_rounds_and_shows_each_workload() -> None:
     assert "| agent | TTFT p50 | 100 ms | 200 ms | 0.50x [0.50, 0.50] |" in text
     assert "| agent | prefix-cache hit rate | 0.80 | 0.40 | 2.00x [2.00, 2.00] |" in text
     assert "| control | TTFT p50 | 200 ms | 200 ms | 1.00x [1.00, 1.00] |" in text
+    assert "- router decisions, agent workload (all rounds): affinity 15" in text
+    assert "- router decisions, control workload (all rounds): fallback 18" in text
     assert report.agents_lines({}) == ["Not run."]
