@@ -194,6 +194,7 @@ class Ingress(GrpcFront):
         self, call: EngineCall, endpoint: str, started: float, span: Any
     ) -> AsyncIterator[str]:
         code = "200"
+        call.cancel_when_task_ends()
         try:
             async with engine_failures(started + self.timeout_s, self.timeout_s):
                 async for chunk in call.events:

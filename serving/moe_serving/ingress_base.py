@@ -8,6 +8,7 @@ The ingress deployment is `moe_serving.ingress.Ingress`: HTTP there, gRPC in
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from dataclasses import dataclass
@@ -31,6 +32,19 @@ class EngineCall:
     head: ResponseHead
     body: Any
     events: DeploymentResponseGenerator[Any]
+
+    def cancel_when_task_ends(self) -> None:
+        """Cancel the engine request when the task streaming it ends, however it ends.
+
+        A streaming generator's own `finally` is not enough: when its consumer's task is
+        cancelled while the generator waits at a `yield` (the client went away while a chunk
+        was being sent), the generator is left suspended and runs its `finally` only when it is
+        garbage-collected, possibly much later, so the engine request ran on for nobody. The
+        consumer's task ending is the sure signal; cancelling a finished request is a no-op.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(lambda _task: self.events.cancel())
 
     def refusal(self) -> ClientError:
         """The engine's refusal (a head and an error body) as the ingress's error."""

@@ -134,6 +134,7 @@ class GrpcFront(IngressBase):
             call = await self.call_engine(kind, body, span, deadline)
             if not call.head.stream:  # refused before streaming: an error body
                 raise call.refusal()
+            call.cancel_when_task_ends()
             async with engine_failures(deadline, self.timeout_s):
                 async for chunk in call.events:
                     if hops.ENABLED:
