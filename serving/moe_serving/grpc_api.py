@@ -119,13 +119,19 @@ def chat_body(request: pb.ChatRequest, *, stream: bool = False) -> dict[str, Any
     return _merge_extra(body, request.extra_json)
 
 
+#: The request's cost in the OpenAI usage (moe_serving.request_cost), copied into pb.Usage.
+COST_FIELDS = ("cost_usd", "prompt_cost_usd", "output_cost_usd")
+
+
 def _usage(usage: dict[str, Any] | None) -> pb.Usage | None:
     if not usage:
         return None
+    costs = {k: float(usage[k]) for k in COST_FIELDS if usage.get(k) is not None}
     return pb.Usage(
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,
         total_tokens=usage.get("total_tokens") or 0,
+        **costs,
     )
 
 

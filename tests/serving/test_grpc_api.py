@@ -101,6 +101,24 @@ def test_responses_and_stream_chunks_convert() -> None:
     assert usage_chunk.usage.total_tokens == 2
     assert grpc_api.error_message({"error": {"message": "bad"}}) == "bad"
     assert grpc_api.error_message(payloads[0]) is None
+    assert not usage_chunk.usage.HasField("cost_usd")  # no price: no cost, not a cost of 0
+
+
+def test_the_request_cost_in_usage_reaches_both_grpc_shapes() -> None:
+    """usage.cost_usd and its parts (the engine's extension fields, moe_serving.request_cost)
+    land in pb.Usage: on Complete / Chat responses and on Generate's last chunk."""
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "cost_usd": 3e-6,
+        "prompt_cost_usd": 1e-6,
+        "output_cost_usd": 2e-6,
+    }
+    response = grpc_api.completion_response({"choices": [], "usage": usage})
+    (last,) = grpc_api.stream_chunks({"id": "c", "choices": [], "usage": usage})
+    for got in (response.usage, last.usage):
+        assert (got.cost_usd, got.prompt_cost_usd, got.output_cost_usd) == (3e-6, 1e-6, 2e-6)
 
 
 def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:

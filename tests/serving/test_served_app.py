@@ -289,6 +289,27 @@ def test_stream_usage_and_grpc_trailer_carry_the_cost(served: Served) -> None:
     )
     trailer = dict(call.trailing_metadata() or ())
     assert float(trailer["moe-cost-usd"]) > 0
+    # The same cost in the response's usage, and on a gRPC stream's last chunk (Generate).
+    complete = served.stub().Complete(
+        pb.CompleteRequest(
+            model=MODEL, prompt=PROMPT, sampling=pb.SamplingParams(max_tokens=4, temperature=0)
+        )
+    )
+    assert complete.usage.cost_usd > 0
+    chunks = list(
+        served.stub().Generate(
+            pb.GenerateRequest(
+                completion=pb.CompleteRequest(
+                    model=MODEL,
+                    prompt=PROMPT,
+                    sampling=pb.SamplingParams(max_tokens=4, temperature=0),
+                )
+            )
+        )
+    )
+    last = chunks[-1].usage
+    assert last.completion_tokens == 4 and last.cost_usd > 0
+    assert last.cost_usd == pytest.approx(last.prompt_cost_usd + last.output_cost_usd)
 
 
 # ---- gRPC, through the generated stub -----------------------------------------------------------

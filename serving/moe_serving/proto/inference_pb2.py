@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!moe_serving/proto/inference.proto\x12\x10moe.inference.v1\"\xa8\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x04\n\x02_n\"\xac\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .moe.inference.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x05 \x01(\x08\x12\x12\n\nextra_json\x18\x06 \x01(\t\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\"\x9e\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.moe.inference.v1.ChatMessage\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .moe.inference.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x04 \x01(\x08\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x06 \x01(\t\x12\x1c\n\x14response_format_json\x18\x07 \x01(\t\x12\x12\n\nextra_json\x18\x08 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\t \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x91\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x06 \x01(\t\x12\x19\n\x11reasoning_content\x18\x07 \x01(\t\"\x91\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12)\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x18.moe.inference.v1.Choice\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.moe.inference.v1.Usage\"\x8d\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12)\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x18.moe.inference.v1.Choice\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.moe.inference.v1.Usage\"\x82\x01\n\x0fGenerateRequest\x12\x37\n\ncompletion\x18\x01 \x01(\x0b\x32!.moe.inference.v1.CompleteRequestH\x00\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.moe.inference.v1.ChatRequestH\x00\x42\x07\n\x05input\"\xcd\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.moe.inference.v1.Usage\x12\x17\n\x0ftool_calls_json\x18\x08 \x01(\t\x12\x19\n\x11reasoning_content\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"_\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x0c\n\x04root\x18\x05 \x01(\t\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.moe.inference.v1.ModelInfo\"\x0f\n\rHealthRequest\"\xaf\x01\n\x0eHealthResponse\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.moe.inference.v1.HealthResponse.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xa4\x03\n\x10InferenceService\x12Q\n\x08\x43omplete\x12!.moe.inference.v1.CompleteRequest\x1a\".moe.inference.v1.CompleteResponse\x12\x45\n\x04\x43hat\x12\x1d.moe.inference.v1.ChatRequest\x1a\x1e.moe.inference.v1.ChatResponse\x12P\n\x08Generate\x12!.moe.inference.v1.GenerateRequest\x1a\x1f.moe.inference.v1.GenerateChunk0\x01\x12W\n\nListModels\x12#.moe.inference.v1.ListModelsRequest\x1a$.moe.inference.v1.ListModelsResponse\x12K\n\x06Health\x12\x1f.moe.inference.v1.HealthRequest\x1a .moe.inference.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!moe_serving/proto/inference.proto\x12\x10moe.inference.v1\"\xa8\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_ignore_eosB\x04\n\x02_n\"\xac\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .moe.inference.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x05 \x01(\x08\x12\x12\n\nextra_json\x18\x06 \x01(\t\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\"\x9e\x02\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.moe.inference.v1.ChatMessage\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .moe.inference.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x04 \x01(\x08\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x06 \x01(\t\x12\x1c\n\x14response_format_json\x18\x07 \x01(\t\x12\x12\n\nextra_json\x18\x08 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\t \x01(\t\"\xd7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\x08\x63ost_usd\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fprompt_cost_usd\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0foutput_cost_usd\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_cost_usdB\x12\n\x10_prompt_cost_usdB\x12\n\x10_output_cost_usd\"\x91\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x06 \x01(\t\x12\x19\n\x11reasoning_content\x18\x07 \x01(\t\"\x91\x01\n\x10\x43ompleteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12)\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x18.moe.inference.v1.Choice\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.moe.inference.v1.Usage\"\x8d\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12)\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\x18.moe.inference.v1.Choice\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.moe.inference.v1.Usage\"\x82\x01\n\x0fGenerateRequest\x12\x37\n\ncompletion\x18\x01 \x01(\x0b\x32!.moe.inference.v1.CompleteRequestH\x00\x12-\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1d.moe.inference.v1.ChatRequestH\x00\x42\x07\n\x05input\"\xcd\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.moe.inference.v1.Usage\x12\x17\n\x0ftool_calls_json\x18\x08 \x01(\t\x12\x19\n\x11reasoning_content\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"_\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x0c\n\x04root\x18\x05 \x01(\t\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.moe.inference.v1.ModelInfo\"\x0f\n\rHealthRequest\"\xaf\x01\n\x0eHealthResponse\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.moe.inference.v1.HealthResponse.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xa4\x03\n\x10InferenceService\x12Q\n\x08\x43omplete\x12!.moe.inference.v1.CompleteRequest\x1a\".moe.inference.v1.CompleteResponse\x12\x45\n\x04\x43hat\x12\x1d.moe.inference.v1.ChatRequest\x1a\x1e.moe.inference.v1.ChatResponse\x12P\n\x08Generate\x12!.moe.inference.v1.GenerateRequest\x1a\x1f.moe.inference.v1.GenerateChunk0\x01\x12W\n\nListModels\x12#.moe.inference.v1.ListModelsRequest\x1a$.moe.inference.v1.ListModelsResponse\x12K\n\x06Health\x12\x1f.moe.inference.v1.HealthRequest\x1a .moe.inference.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,30 +39,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_end=762
   _globals['_CHATREQUEST']._serialized_start=765
   _globals['_CHATREQUEST']._serialized_end=1051
-  _globals['_USAGE']._serialized_start=1053
-  _globals['_USAGE']._serialized_end=1132
-  _globals['_CHOICE']._serialized_start=1135
-  _globals['_CHOICE']._serialized_end=1280
-  _globals['_COMPLETERESPONSE']._serialized_start=1283
-  _globals['_COMPLETERESPONSE']._serialized_end=1428
-  _globals['_CHATRESPONSE']._serialized_start=1431
-  _globals['_CHATRESPONSE']._serialized_end=1572
-  _globals['_GENERATEREQUEST']._serialized_start=1575
-  _globals['_GENERATEREQUEST']._serialized_end=1705
-  _globals['_GENERATECHUNK']._serialized_start=1708
-  _globals['_GENERATECHUNK']._serialized_end=1913
-  _globals['_LISTMODELSREQUEST']._serialized_start=1915
-  _globals['_LISTMODELSREQUEST']._serialized_end=1934
-  _globals['_MODELINFO']._serialized_start=1936
-  _globals['_MODELINFO']._serialized_end=2031
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2033
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2098
-  _globals['_HEALTHREQUEST']._serialized_start=2100
-  _globals['_HEALTHREQUEST']._serialized_end=2115
-  _globals['_HEALTHRESPONSE']._serialized_start=2118
-  _globals['_HEALTHRESPONSE']._serialized_end=2293
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=2231
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2293
-  _globals['_INFERENCESERVICE']._serialized_start=2296
-  _globals['_INFERENCESERVICE']._serialized_end=2716
+  _globals['_USAGE']._serialized_start=1054
+  _globals['_USAGE']._serialized_end=1269
+  _globals['_CHOICE']._serialized_start=1272
+  _globals['_CHOICE']._serialized_end=1417
+  _globals['_COMPLETERESPONSE']._serialized_start=1420
+  _globals['_COMPLETERESPONSE']._serialized_end=1565
+  _globals['_CHATRESPONSE']._serialized_start=1568
+  _globals['_CHATRESPONSE']._serialized_end=1709
+  _globals['_GENERATEREQUEST']._serialized_start=1712
+  _globals['_GENERATEREQUEST']._serialized_end=1842
+  _globals['_GENERATECHUNK']._serialized_start=1845
+  _globals['_GENERATECHUNK']._serialized_end=2050
+  _globals['_LISTMODELSREQUEST']._serialized_start=2052
+  _globals['_LISTMODELSREQUEST']._serialized_end=2071
+  _globals['_MODELINFO']._serialized_start=2073
+  _globals['_MODELINFO']._serialized_end=2168
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2170
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2235
+  _globals['_HEALTHREQUEST']._serialized_start=2237
+  _globals['_HEALTHREQUEST']._serialized_end=2252
+  _globals['_HEALTHRESPONSE']._serialized_start=2255
+  _globals['_HEALTHRESPONSE']._serialized_end=2430
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=2368
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=2430
+  _globals['_INFERENCESERVICE']._serialized_start=2433
+  _globals['_INFERENCESERVICE']._serialized_end=2853
 # @@protoc_insertion_point(module_scope)
